@@ -1,0 +1,217 @@
+"""Activation patching sweeps (node level), returning labelled ``xarray.Dataset`` results.
+
+Each sweep runs the clean and corrupted prompts once to cache activations, then
+patches one component per row, many rows per forward pass (see `patchlab.runner`).
+
+- **denoising**: clean activation patched into the corrupted run (sufficiency);
+- **noising**: corrupted activation patched into the clean run (necessity);
+
+Heimersheim & Nanda 2024, "How to use and interpret activation patching"
+(arXiv 2404.15255); Zhang & Nanda 2023 (arXiv 2309.16042). Results share the
+dims ``layer``, ``head``, ``pos``, ``prompt`` and ``component`` and carry:
+
+- ``patched`` (..., prompt): the metric on each patched run, in the metric's units;
+- ``score`` (...): the normalised score on prompt means (formula in attrs);
+- ``clean`` (prompt), ``corrupted`` (prompt): the baselines;
+- attrs: metric, units, direction, site, corruption, dataset, score formula and
+  provenance (model id and weight hash, dataset hash, seed, versions, git commit, time).
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+import xarray as xr
+
+from .components import Component, Site
+from .data import PromptPairDataset, TokenizedPairs
+from .metrics import Direction, Metric, Targets, get_metric, normalised_score, score_formula
+from .models import PatchModel
+from .provenance import provenance_attrs
+from .runner import cache_runs, patch_rows
+
+__all__ = ["patch_components", "patch_layer_pos", "patch_heads"]
+
+_RESID_SITES = (Site.RESID_PRE, Site.RESID_MID, Site.RESID_POST, Site.ATTN_OUT, Site.MLP_OUT)
+
+
+def patch_layer_pos(model: PatchModel, dataset: PromptPairDataset, *, site: Site | str = Site.RESID_PRE,
+                    layers: Iterable[int] | None = None, positions: Iterable[int] | None = None,
+                    metric: Metric | str = Metric.LOGIT_DIFF, direction: Direction | str = Direction.DENOISING,
+                    seed: int | None = None, progress: bool = True, memory_mb: float = 1024) -> xr.Dataset:
+    """Patch a d_model-wide site (residual stream, attention or MLP output) at each layer and position.
+
+    Args:
+        site: ``resid_pre``, ``resid_mid``, ``resid_post``, ``attn_out`` or ``mlp_out``.
+        layers, positions: subsets to sweep (default: all).
+        metric: a `Metric` or its name; values are in its units (nats, probability).
+        direction: ``denoising`` or ``noising``.
+        seed: recorded in attrs (the seed that generated `dataset`).
+
+    Returns:
+        Dataset with ``patched`` (layer, pos, prompt), ``score`` (layer, pos),
+        ``clean`` (prompt), ``corrupted`` (prompt); coords ``token`` and
+        ``pos_name`` along ``pos``.
+
+    Raises:
+        ValueError: a per-head site, ``resid_mid`` on a parallel-residual model, or
+            a layer or position out of range.
+        patchlab.data.DatasetError: the dataset does not tokenize consistently.
+    """
+    site = Site(site)
+    if site not in _RESID_SITES:
+        raise ValueError(f"patch_layer_pos takes one of {[s.value for s in _RESID_SITES]}; "
+                         f"for {site.value!r} use patch_heads")
+    tokens = _tokenize(model, dataset)
+    layers = _check_range("layer", layers, model.layout.n_layers)
+    positions = _check_range("pos", positions, tokens.n_pos)
+    grid = [Component(site=site, layer=layer, pos=p) for layer in layers for p in positions]
+    values, base = _run(model, tokens, grid, metric, direction, progress, memory_mb)
+    patched = values.reshape(len(layers), len(positions), -1)
+    return _dataset(model, dataset, tokens, base, patched, ("layer", "pos"),
+                    {"layer": layers, "pos": positions}, site.value, seed)
+
+
+def patch_heads(model: PatchModel, dataset: PromptPairDataset, *, site: Site | str = Site.HEAD,
+                per_position: bool = False, layers: Iterable[int] | None = None,
+                metric: Metric | str = Metric.LOGIT_DIFF, direction: Direction | str = Direction.DENOISING,
+                seed: int | None = None, progress: bool = True, memory_mb: float = 1024) -> xr.Dataset:
+    """Patch every attention head's output, or its q, k or v input, at each layer.
+
+    For ``k`` and ``v`` on grouped-query models the ``head`` dim indexes key/value
+    heads (``n_kv_heads`` of them); patching one changes every query head of its
+    group. The attr ``head_kind`` says which.
+
+    Args:
+        site: ``head`` (output before the output projection), ``q``, ``k`` or ``v``.
+        per_position: patch each position separately (adds a ``pos`` dim) instead
+            of all positions at once.
+        (other args as in `patch_layer_pos`)
+
+    Returns:
+        Dataset with ``patched`` (layer, head[, pos], prompt), ``score`` (layer, head[, pos]),
+        ``clean`` (prompt), ``corrupted`` (prompt).
+    """
+    site = Site(site)
+    if not site.per_head:
+        raise ValueError(f"patch_heads takes 'head', 'q', 'k' or 'v', got {site.value!r}; use patch_layer_pos")
+    tokens = _tokenize(model, dataset)
+    layers = _check_range("layer", layers, model.layout.n_layers)
+    heads = list(range(model.layout.n_heads_at(site)))
+    positions = list(range(tokens.n_pos)) if per_position else [None]
+    grid = [Component(site=site, layer=layer, head=h, pos=p)
+            for layer, h, p in itertools.product(layers, heads, positions)]
+    values, base = _run(model, tokens, grid, metric, direction, progress, memory_mb)
+    dims, coords = ("layer", "head"), {"layer": layers, "head": heads}
+    if per_position:
+        dims, coords = dims + ("pos",), {**coords, "pos": positions}
+    patched = values.reshape(*[len(coords[d]) for d in dims], -1)
+    head_kind = "key/value head" if site in (Site.K, Site.V) and model.layout.n_kv_heads != model.layout.n_heads \
+        else "query head"
+    return _dataset(model, dataset, tokens, base, patched, dims, coords, site.value, seed,
+                    head_kind=head_kind, positions="each" if per_position else "all")
+
+
+def patch_components(model: PatchModel, dataset: PromptPairDataset, components: Sequence[Component], *,
+                     metric: Metric | str = Metric.LOGIT_DIFF, direction: Direction | str = Direction.DENOISING,
+                     seed: int | None = None, progress: bool = True, memory_mb: float = 1024) -> xr.Dataset:
+    """Patch each of an arbitrary list of components, one per row.
+
+    Returns:
+        Dataset with ``patched`` (component, prompt), ``score`` (component),
+        ``clean`` (prompt), ``corrupted`` (prompt); ``component`` coords are labels
+        such as "L9H6" with ``layer`` and ``site`` as extra coords.
+    """
+    components = list(components)
+    if not components:
+        raise ValueError("components is empty; give at least one Component")
+    tokens = _tokenize(model, dataset)
+    for c in components:
+        _check_component(model, tokens, c)
+    values, base = _run(model, tokens, components, metric, direction, progress, memory_mb)
+    ds = _dataset(model, dataset, tokens, base, values, ("component",),
+                  {"component": [c.label for c in components]}, "mixed", seed)
+    return ds.assign_coords(layer=("component", [c.layer for c in components]),
+                            site=("component", [c.site.value for c in components]))
+
+
+# ---- shared machinery -------------------------------------------------------------
+
+def _tokenize(model: PatchModel, dataset: PromptPairDataset) -> TokenizedPairs:
+    if not isinstance(dataset, PromptPairDataset):
+        raise TypeError(f"expected a PromptPairDataset, got {type(dataset).__name__}")
+    return dataset.tokenize(model.tokenizer, max_length=model.layout.n_ctx)
+
+
+def _check_range(dim: str, values: Iterable[int] | None, size: int) -> list[int]:
+    values = list(range(size)) if values is None else [int(v) for v in values]
+    bad = [v for v in values if not 0 <= v < size]
+    if bad or not values:
+        raise ValueError(f"{dim} values {bad or values} out of range: the model/dataset has {size} ({dim} 0..{size - 1})")
+    return values
+
+
+def _check_component(model: PatchModel, tokens: TokenizedPairs, c: Component) -> None:
+    _check_range("layer", [c.layer], model.layout.n_layers)
+    if c.head is not None:
+        _check_range(f"head for {c.site.value}", [c.head], model.layout.n_heads_at(c.site))
+    if c.pos is not None:
+        _check_range("pos", c.pos, tokens.n_pos)
+    if c.site is Site.RESID_MID and not model.adapter.has_resid_mid(model.hf.config):
+        raise ValueError(f"{model.adapter.family} uses a parallel residual: resid_mid does not exist; "
+                         "patch attn_out or mlp_out instead")
+
+
+def _run(model: PatchModel, tokens: TokenizedPairs, grid: list[Component], metric, direction,
+         progress: bool, memory_mb: float):
+    metric, direction = get_metric(metric), Direction(direction)
+    for c in {(c.site, c.layer): c for c in grid}.values():
+        _check_component(model, tokens, c)
+    sites = {(Site.RESID_PRE, layer) for layer in range(model.layout.n_layers)} | {(c.site, c.layer) for c in grid}
+    clean, corrupted = cache_runs(model, [tokens.clean_ids, tokens.corrupted_ids], sites)
+    targets = Targets(correct=tokens.correct_ids, incorrect=tokens.incorrect_ids,
+                      clean_logprobs=torch.log_softmax(clean.logits.float(), dim=-1))
+    base_ids, base, source = ((tokens.corrupted_ids, corrupted, clean) if direction is Direction.DENOISING
+                              else (tokens.clean_ids, clean, corrupted))
+    values = patch_rows(model, base_ids=base_ids, base=base, source=source, rows=[(c,) for c in grid],
+                        metric=metric, targets=targets, memory_mb=memory_mb, progress=progress)
+    baselines = {"metric": metric, "direction": direction,
+                 "clean": metric(clean.logits, targets).cpu(), "corrupted": metric(corrupted.logits, targets).cpu()}
+    return values, baselines
+
+
+def _dataset(model: PatchModel, dataset: PromptPairDataset, tokens: TokenizedPairs, base: dict,
+             patched: torch.Tensor, dims: tuple[str, ...], coords: dict, site: str, seed: int | None,
+             **extra_attrs) -> xr.Dataset:
+    metric, direction = base["metric"], base["direction"]
+    clean, corrupted = base["clean"].double().numpy(), base["corrupted"].double().numpy()
+    patched = patched.double().numpy()
+    prompts = np.arange(tokens.n_prompts)
+    score = normalised_score(patched.mean(-1), clean.mean(), corrupted.mean(), direction)
+    names = {index: name for name, index in tokens.positions.items()}
+    ds = xr.Dataset(
+        {
+            "patched": (dims + ("prompt",), patched, {"long_name": f"patched {metric.value}", "units": metric.units}),
+            "score": (dims, score, {"long_name": "normalised patching score", "units": "1"}),
+            "clean": (("prompt",), clean, {"long_name": f"clean {metric.value}", "units": metric.units}),
+            "corrupted": (("prompt",), corrupted, {"long_name": f"corrupted {metric.value}", "units": metric.units}),
+        },
+        coords={**{d: np.asarray(v) if d != "component" else np.asarray(v, dtype=str) for d, v in coords.items()},
+                "prompt": prompts,
+                "clean_prompt": ("prompt", np.asarray([p.clean for p in dataset.pairs], dtype=str))},
+    )
+    if "pos" in coords:
+        ds = ds.assign_coords(
+            token=("pos", np.asarray([tokens.clean_tokens[0][p] for p in coords["pos"]], dtype=str)),
+            pos_name=("pos", np.asarray([names.get(p, "") for p in coords["pos"]], dtype=str)))
+    ds.attrs = provenance_attrs(
+        model_id=model.model_id, model_sha256=model.weights_sha256, dataset_sha256=dataset.sha256(),
+        seed=seed, git_path=Path(__file__).parent,
+        metric=metric.value, units=metric.units, direction=direction.value, site=site,
+        dataset=dataset.name, corruption=dataset.corruption, score_formula=score_formula(direction),
+        model_family=model.adapter.family, **extra_attrs)
+    return ds
