@@ -1,0 +1,403 @@
+"""Prompt-pair datasets for activation patching.
+
+A `PromptPair` is a clean prompt (the behaviour happens), a corrupted prompt (it
+does not), the answer token the clean prompt should produce (`correct`) and the
+one the corruption pushes towards (`incorrect`), plus named token positions
+("IO", "S1", "S2", "END", ...). A `PromptPairDataset` is an immutable tuple of
+pairs with a name and the corruption used, stored as JSON lines. `tokenize`
+checks that the dataset can be patched position by position and returns
+`TokenizedPairs`: id tensors of shape ``[prompt, pos]`` and answer ids of shape
+``[prompt]``.
+
+Clean/corrupted pairs with symmetric token replacement follow Zhang & Nanda 2023
+("Towards Best Practices of Activation Patching", arXiv 2309.16042).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
+
+import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+__all__ = ["DatasetError", "NamedPositions", "PromptPair", "PromptPairDataset",
+           "TokenizedPairs", "FORMAT"]
+
+FORMAT = "patchlab.prompt_pairs/1"
+"""Value of the ``format`` field in the header line of a prompt-pair JSONL file."""
+
+_PAIR_FIELDS = ("clean", "corrupted", "correct", "incorrect", "positions")
+
+
+class DatasetError(ValueError):
+    """A prompt-pair dataset that cannot be used as asked; the message names the fix."""
+
+
+class NamedPositions(Mapping[str, int]):
+    """Immutable, hashable mapping from a position name to a 0-based token index.
+
+    Items are kept in canonical order (by index, then name), so two equal mappings
+    also serialise identically.
+
+    Raises:
+        DatasetError: a name that is not a non-empty string, or an index that is
+            not an int >= 0.
+    """
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Mapping[str, int] | None = None) -> None:
+        items = dict(items or {})
+        for name, index in items.items():
+            if not isinstance(name, str) or not name:
+                raise DatasetError(f"position names must be non-empty strings, got {name!r}")
+            if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+                raise DatasetError(f"position {name!r} must be an int >= 0 (a token index "
+                                   f"counted from the left), got {index!r}")
+        self._items = tuple(sorted(items.items(), key=lambda kv: (kv[1], kv[0])))
+
+    def __getitem__(self, name: str) -> int:
+        for key, index in self._items:
+            if key == name:
+                return index
+        raise KeyError(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return (key for key, _ in self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __hash__(self) -> int:
+        return hash(self._items)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, NamedPositions):
+            return self._items == other._items
+        return isinstance(other, Mapping) and dict(self._items) == dict(other.items())
+
+    def __repr__(self) -> str:
+        return f"NamedPositions({dict(self._items)!r})"
+
+
+@dataclass(frozen=True, kw_only=True)
+class PromptPair:
+    """One clean/corrupted prompt pair.
+
+    Args:
+        clean: the prompt on which the model shows the behaviour.
+        corrupted: the same prompt with the information the behaviour needs
+            replaced; it must tokenize to as many tokens as `clean`.
+        correct: answer token text for the clean prompt, e.g. " Mary" (the
+            leading space is part of the token).
+        incorrect: the competing answer token text, e.g. " John".
+        positions: named token positions, e.g. ``{"IO": 2, "S1": 4, "S2": 10,
+            "END": 14}``: 0-based indices into the tokenized clean prompt, as
+            tokenized with the tokenizer's default special tokens (a BOS the
+            tokenizer adds counts as position 0). Stored as `NamedPositions`.
+
+    Raises:
+        DatasetError: a field that is not a non-empty string, equal correct and
+            incorrect answers, or bad positions.
+    """
+
+    clean: str
+    corrupted: str
+    correct: str
+    incorrect: str
+    positions: Mapping[str, int] = field(default_factory=NamedPositions)
+
+    def __post_init__(self) -> None:
+        for name in ("clean", "corrupted", "correct", "incorrect"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                raise DatasetError(f"PromptPair.{name} must be a non-empty string, got {value!r}")
+        if self.correct == self.incorrect:
+            raise DatasetError(f"PromptPair.correct and .incorrect are both {self.correct!r}; "
+                               "give two different answer tokens")
+        object.__setattr__(self, "positions", NamedPositions(self.positions))
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready dict with the keys in a fixed order."""
+        return {"clean": self.clean, "corrupted": self.corrupted, "correct": self.correct,
+                "incorrect": self.incorrect, "positions": dict(self.positions)}
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class TokenizedPairs:
+    """A tokenized, validated `PromptPairDataset`.
+
+    Attributes:
+        clean_ids: clean prompt token ids, ``[prompt, pos]``, int64.
+        corrupted_ids: corrupted prompt token ids, ``[prompt, pos]``, int64.
+        correct_ids: id of the correct answer token, ``[prompt]``, int64.
+        incorrect_ids: id of the incorrect answer token, ``[prompt]``, int64.
+        positions: named token positions, identical for every prompt.
+        clean_tokens: readable token strings, ``[prompt][pos]`` (" Mary", not "ĠMary").
+        corrupted_tokens: readable corrupted token strings, ``[prompt][pos]``.
+    """
+
+    clean_ids: torch.Tensor
+    corrupted_ids: torch.Tensor
+    correct_ids: torch.Tensor
+    incorrect_ids: torch.Tensor
+    positions: Mapping[str, int]
+    clean_tokens: tuple[tuple[str, ...], ...]
+    corrupted_tokens: tuple[tuple[str, ...], ...]
+
+    def __post_init__(self) -> None:
+        shape = tuple(self.clean_ids.shape)
+        if len(shape) != 2 or tuple(self.corrupted_ids.shape) != shape:
+            raise DatasetError(f"clean_ids and corrupted_ids must share one [prompt, pos] shape, "
+                               f"got {shape} and {tuple(self.corrupted_ids.shape)}")
+        for name in ("correct_ids", "incorrect_ids"):
+            if tuple(getattr(self, name).shape) != shape[:1]:
+                raise DatasetError(f"{name} must have shape [prompt] = {shape[:1]}, "
+                                   f"got {tuple(getattr(self, name).shape)}")
+        object.__setattr__(self, "positions", NamedPositions(self.positions))
+
+    @property
+    def n_prompts(self) -> int:
+        """Size of the ``prompt`` dim."""
+        return int(self.clean_ids.shape[0])
+
+    @property
+    def n_pos(self) -> int:
+        """Size of the ``pos`` dim (tokens per prompt, special tokens included)."""
+        return int(self.clean_ids.shape[1])
+
+
+@dataclass(frozen=True, kw_only=True)
+class PromptPairDataset:
+    """An immutable, named sequence of `PromptPair` values.
+
+    Args:
+        pairs: the prompt pairs (any iterable; stored as a tuple).
+        name: what task the prompts test, e.g. "ioi".
+        corruption: how the corrupted prompts were made, e.g. "name_swap", "abc".
+
+    Raises:
+        DatasetError: no pairs, or an item that is not a `PromptPair`.
+    """
+
+    pairs: tuple[PromptPair, ...]
+    name: str = "custom"
+    corruption: str = "custom"
+
+    def __post_init__(self) -> None:
+        pairs = tuple(self.pairs)
+        if not pairs:
+            raise DatasetError("PromptPairDataset has no pairs; give at least one PromptPair")
+        for i, pair in enumerate(pairs):
+            if not isinstance(pair, PromptPair):
+                raise DatasetError(f"pairs[{i}] is a {type(pair).__name__}, not a PromptPair; "
+                                   "build it with PromptPair(clean=..., corrupted=..., ...)")
+        for attr in ("name", "corruption"):
+            if not isinstance(getattr(self, attr), str) or not getattr(self, attr):
+                raise DatasetError(f"PromptPairDataset.{attr} must be a non-empty string")
+        object.__setattr__(self, "pairs", pairs)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __iter__(self) -> Iterator[PromptPair]:
+        return iter(self.pairs)
+
+    def __getitem__(self, index: int) -> PromptPair:
+        return self.pairs[index]
+
+    # --- serialisation ----------------------------------------------------------------
+
+    def to_jsonl_text(self) -> str:
+        """Canonical JSONL text: a header line, then one line per pair (ASCII, "\\n" endings)."""
+        header = {"format": FORMAT, "name": self.name, "corruption": self.corruption}
+        lines = [header] + [pair.to_json() for pair in self.pairs]
+        return "".join(json.dumps(obj, ensure_ascii=True, separators=(", ", ": ")) + "\n"
+                       for obj in lines)
+
+    def sha256(self) -> str:
+        """Hex sha256 of `to_jsonl_text()`; equal to the sha256 of the file `to_jsonl` writes."""
+        return hashlib.sha256(self.to_jsonl_text().encode("utf-8")).hexdigest()
+
+    def to_jsonl(self, path: str | os.PathLike) -> None:
+        """Write the dataset as JSON lines, atomically (temporary file, then `os.replace`)."""
+        path = Path(path)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(self.to_jsonl_text().encode("utf-8"))
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def from_jsonl(cls, path: str | os.PathLike) -> "PromptPairDataset":
+        """Read a file written by `to_jsonl` (the header line is optional).
+
+        Raises:
+            DatasetError: invalid JSON, an unknown format, or a pair with a missing,
+                unknown or badly typed field; the message names the line number.
+        """
+        path = Path(path)
+        name, corruption, pairs = "custom", "custom", []
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                where = f"{path}, line {lineno}"
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DatasetError(f"{where}: not valid JSON ({e.msg}); "
+                                       "each line must hold one JSON object") from None
+                if not isinstance(obj, dict):
+                    raise DatasetError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+                if "format" in obj:
+                    if pairs or lineno != 1:
+                        raise DatasetError(f"{where}: a header object (with 'format') may only "
+                                           "be the first line")
+                    if obj["format"] != FORMAT:
+                        raise DatasetError(f"{where}: unknown format {obj['format']!r}; "
+                                           f"this version of patchlab reads {FORMAT!r}")
+                    name = obj.get("name", name)
+                    corruption = obj.get("corruption", corruption)
+                    continue
+                pairs.append(_pair_from_json(obj, where))
+        if not pairs:
+            raise DatasetError(f"{path}: holds no prompt pairs; add one JSON object per pair")
+        try:
+            return cls(pairs=tuple(pairs), name=name, corruption=corruption)
+        except DatasetError as e:
+            raise DatasetError(f"{path}, header: {e}") from None
+
+    # --- tokenization -----------------------------------------------------------------
+
+    def tokenize(self, tokenizer: "PreTrainedTokenizerBase", *,
+                 max_length: int | None = None) -> TokenizedPairs:
+        """Tokenize and validate every pair for position-wise patching.
+
+        Prompts are tokenized with the tokenizer's default special tokens (so a BOS,
+        if the tokenizer adds one, is position 0); answers without special tokens.
+
+        Args:
+            tokenizer: a Hugging Face tokenizer.
+            max_length: the model's context length; longer prompts are an error.
+
+        Returns:
+            `TokenizedPairs` with ids ``[prompt, pos]`` and answer ids ``[prompt]``.
+
+        Raises:
+            DatasetError: an answer that is not exactly one token; clean and
+                corrupted prompts of different token lengths; prompts of different
+                token lengths across the dataset; a prompt longer than
+                `max_length`; named positions outside a prompt or not identical
+                across prompts. The message names the prompt index, its text and the fix.
+        """
+        if max_length is not None and (isinstance(max_length, bool)
+                                       or not isinstance(max_length, int) or max_length < 1):
+            raise DatasetError(f"max_length must be a positive int or None, got {max_length!r}")
+        clean_ids, corrupted_ids, correct_ids, incorrect_ids = [], [], [], []
+        first = self.pairs[0]
+        for i, pair in enumerate(self.pairs):
+            correct_ids.append(_single_token(tokenizer, pair.correct, "correct", i, pair))
+            incorrect_ids.append(_single_token(tokenizer, pair.incorrect, "incorrect", i, pair))
+            clean = list(tokenizer(pair.clean)["input_ids"])
+            corrupted = list(tokenizer(pair.corrupted)["input_ids"])
+            if len(clean) != len(corrupted):
+                raise DatasetError(
+                    f"prompt {i}: clean prompt {pair.clean!r} is {len(clean)} tokens but corrupted "
+                    f"prompt {pair.corrupted!r} is {len(corrupted)} tokens "
+                    f"({_readable(tokenizer, clean)} vs {_readable(tokenizer, corrupted)}); "
+                    "fix: corrupt by replacing tokens one for one (e.g. swap single-token names)")
+            if max_length is not None and len(clean) > max_length:
+                raise DatasetError(
+                    f"prompt {i}: {pair.clean!r} is {len(clean)} tokens, longer than "
+                    f"max_length={max_length} (the model's context); fix: shorten the prompt")
+            if clean_ids and len(clean) != len(clean_ids[0]):
+                raise DatasetError(
+                    f"prompt {i}: {pair.clean!r} is {len(clean)} tokens but prompt 0 "
+                    f"{first.clean!r} is {len(clean_ids[0])} tokens; all prompts of a dataset "
+                    "must have one token length because patching positions are token indices "
+                    "shared by all prompts; fix: build the dataset from templates of one token "
+                    "length, or split it into one dataset per length")
+            _check_positions(pair, i, len(clean), first)
+            clean_ids.append(clean)
+            corrupted_ids.append(corrupted)
+        return TokenizedPairs(
+            clean_ids=torch.tensor(clean_ids, dtype=torch.long),
+            corrupted_ids=torch.tensor(corrupted_ids, dtype=torch.long),
+            correct_ids=torch.tensor(correct_ids, dtype=torch.long),
+            incorrect_ids=torch.tensor(incorrect_ids, dtype=torch.long),
+            positions=first.positions,
+            clean_tokens=tuple(_readable(tokenizer, ids) for ids in clean_ids),
+            corrupted_tokens=tuple(_readable(tokenizer, ids) for ids in corrupted_ids),
+        )
+
+
+def _pair_from_json(obj: dict, where: str) -> PromptPair:
+    missing = [k for k in _PAIR_FIELDS if k not in obj]
+    if missing:
+        raise DatasetError(f"{where}: missing field {missing[0]!r}; each pair needs "
+                           f"{', '.join(_PAIR_FIELDS)}")
+    unknown = sorted(set(obj) - set(_PAIR_FIELDS))
+    if unknown:
+        raise DatasetError(f"{where}: unknown field {unknown[0]!r}; each pair has exactly "
+                           f"{', '.join(_PAIR_FIELDS)}")
+    for key in _PAIR_FIELDS[:4]:
+        if not isinstance(obj[key], str):
+            raise DatasetError(f"{where}: field {key!r} must be a string, "
+                               f"got {type(obj[key]).__name__}")
+    if not isinstance(obj["positions"], dict):
+        raise DatasetError(f"{where}: field 'positions' must be an object mapping names to "
+                           f"token indices, got {type(obj['positions']).__name__}")
+    try:
+        return PromptPair(**obj)
+    except DatasetError as e:
+        raise DatasetError(f"{where}: {e}") from None
+
+
+def _single_token(tokenizer, text: str, role: str, i: int, pair: PromptPair) -> int:
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if len(ids) != 1:
+        raise DatasetError(
+            f"prompt {i} ({pair.clean!r}): {role} answer {text!r} is {len(ids)} tokens "
+            f"{_readable(tokenizer, ids)}, not one; fix: use answers that are single tokens "
+            "(usually a common word with its leading space, e.g. ' Mary')")
+    return int(ids[0])
+
+
+def _readable(tokenizer, ids: list[int]) -> tuple[str, ...]:
+    return tuple(tokenizer.convert_tokens_to_string([t])
+                 for t in tokenizer.convert_ids_to_tokens(list(ids)))
+
+
+def _check_positions(pair: PromptPair, i: int, n_pos: int, first: PromptPair) -> None:
+    for name, index in pair.positions.items():
+        if index >= n_pos:
+            raise DatasetError(
+                f"prompt {i} ({pair.clean!r}): position {name!r}={index} is outside the prompt "
+                f"of {n_pos} tokens (valid: 0..{n_pos - 1}, counting special tokens the "
+                "tokenizer adds); fix: recompute positions with this tokenizer")
+    if pair.positions != first.positions:
+        names = set(pair.positions) ^ set(first.positions)
+        if names:
+            name = sorted(names)[0]
+            problem = (f"position {name!r} is in prompt {'0' if name in first.positions else i} "
+                       f"but not in prompt {i if name in first.positions else 0}")
+        else:
+            name = next(k for k in first.positions if pair.positions[k] != first.positions[k])
+            problem = (f"position {name!r} is {pair.positions[name]} here but "
+                       f"{first.positions[name]} in prompt 0")
+        raise DatasetError(
+            f"prompt {i} ({pair.clean!r}): {problem}; named positions must be identical across "
+            f"prompts (prompt 0 {first.clean!r} has {dict(first.positions)}); fix: build the "
+            "dataset from templates with one token structure, or split it")
