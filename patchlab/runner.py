@@ -23,6 +23,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
+import nnsight
 import torch
 from tqdm.auto import tqdm
 
@@ -59,13 +60,12 @@ def cache_runs(model: PatchModel, runs: Sequence[torch.Tensor], sites: Iterable[
         by_point[model.adapter.point(site, layer)].append(site)
     adapter, layout, nn = model.adapter, model.layout, model.nn
     with torch.no_grad(), nn.trace(ids, logits_to_keep=1):
-        store = {}
+        store = nnsight.save({})
         for point in sorted(by_point, key=lambda p: p.sort_key):
             raw = _first(_read(adapter.module(nn, point), point))
             for site in by_point[point]:
                 store[(site, point.layer)] = adapter.view(site, raw, layout).clone()
         store["logits"] = nn.output.logits[:, -1].clone()
-        store = store.save() if hasattr(store, "save") else store
     n = runs[0].shape[0]
     return [RunCache(acts={k: v[i * n:(i + 1) * n] for k, v in store.items() if k != "logits"},
                      logits=store["logits"][i * n:(i + 1) * n]) for i in range(len(runs))]
@@ -147,7 +147,7 @@ def _run_chunk(model: PatchModel, base_ids, base: RunCache, source: RunCache,
             _write(module, point, value, new)
             if point.io == "input" and point.path == "":
                 resid_pre = new
-        logits = nn.output.logits[:, -1].save()
+        logits = nnsight.save(nn.output.logits[:, -1])
     return logits
 
 
