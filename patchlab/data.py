@@ -18,12 +18,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 import torch
+
+from ._io import atomic_write_text
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -229,15 +230,7 @@ class PromptPairDataset:
 
     def to_jsonl(self, path: str | os.PathLike) -> None:
         """Write the dataset as JSON lines, atomically (temporary file, then `os.replace`)."""
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(self.to_jsonl_text().encode("utf-8"))
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_text(path, self.to_jsonl_text())
 
     @classmethod
     def from_jsonl(cls, path: str | os.PathLike) -> "PromptPairDataset":

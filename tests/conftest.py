@@ -30,3 +30,28 @@ def smollm2():
     import patchlab as pl
 
     return pl.load_model("smollm2-135m")
+
+@pytest.fixture(scope="session")
+def make_wordlevel_tokenizer():
+    """Factory for tiny word-level tokenizers (no download): ``make(words, bos=False)``.
+
+    Words are split on whitespace and punctuation, so " Mary" and "Mary" are the same
+    single token; unknown words become "[UNK]". With ``bos=True`` every prompt starts
+    with "[BOS]".
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    def make(words, *, bos: bool = False):
+        vocab = {"[UNK]": 0, "[BOS]": 1}
+        for word in words:
+            vocab.setdefault(word, len(vocab))
+        backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+        backend.pre_tokenizer = pre_tokenizers.Whitespace()
+        if bos:
+            backend.post_processor = processors.TemplateProcessing(
+                single="[BOS] $A", special_tokens=[("[BOS]", 1)])
+        return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]",
+                                       bos_token="[BOS]" if bos else None)
+
+    return make

@@ -8,6 +8,7 @@ lower layers, final-position logits only) are compared, value by value, with
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -133,3 +134,12 @@ def test_baselines_and_score_closed_form(setup):
     m = ds.patched.mean("prompt")
     expected = (m - ds.corrupted.mean()) / (ds.clean.mean() - ds.corrupted.mean())
     assert abs(ds.score - expected).max() < 1e-9
+
+
+def test_chunking_and_reruns(setup):
+    model, dataset, _ = setup
+    a = pl.patch_heads(model, dataset, site="v", per_position=True, progress=False)
+    b = pl.patch_heads(model, dataset, site="v", per_position=True, progress=False)
+    one_row_per_pass = pl.patch_heads(model, dataset, site="v", per_position=True, progress=False, memory_mb=1e-9)
+    assert np.array_equal(a.patched.values, b.patched.values)  # reruns on CPU are bit-identical
+    assert np.allclose(a.patched.values, one_row_per_pass.patched.values, atol=TOL, rtol=0)
