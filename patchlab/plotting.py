@@ -37,12 +37,12 @@ _STYLE = {"font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9}
 def default_title(ds: xr.Dataset) -> str:
     """Title from attrs: ``"resid_pre, denoising, logit_diff — ioi/name_swap"``.
 
-    The part after the dash joins the ``task`` and ``corruption`` attrs that are
+    The part after the dash joins the ``dataset`` and ``corruption`` attrs that are
     present; ``model_id``, when present, goes on a second line.
     """
     a = ds.attrs
     head = ", ".join(str(a[k]) for k in ("site", "direction", "metric") if a.get(k) not in (None, ""))
-    tail = "/".join(str(a[k]) for k in ("task", "corruption") if a.get(k) not in (None, ""))
+    tail = "/".join(str(a[k]) for k in ("dataset", "corruption") if a.get(k) not in (None, ""))
     title = " — ".join(p for p in (head, tail) if p)
     if a.get("model_id"):
         title += f"\n{a['model_id']}"
