@@ -83,13 +83,16 @@ class Adapter:
     o_proj: str
     attn_out: str  # module whose output is the attention branch as added to the residual
     mlp_out: str
-    mid_norm: str | None  # its input is resid_mid; None for parallel-residual blocks
+    mid_norm: str | None  # its input is what the MLP reads (resid_mid, or resid_pre when parallel)
+    attn_norm: str = "input_layernorm"  # the norm in front of the q/k/v projections
+    final_norm: str = "model.norm"  # absolute path of the norm in front of the unembedding
     q: str | None = None
     k: str | None = None
     v: str | None = None
     qkv: str | None = None
     qkv_layout: str | None = None
     parallel_residual_attr: str | None = None
+    post_norms: bool = False  # attention and MLP outputs pass an RMSNorm (1 + w) before the residual (Gemma)
 
     # ---- layout ---------------------------------------------------------
     def layout(self, config) -> Layout:
@@ -137,6 +140,26 @@ class Adapter:
         if site is Site.RESID_POST:
             return HookPoint(layer, "", "output", 8)
         raise ValueError(f"unknown site {site!r}")
+
+    def mlp_in_point(self, layer: int) -> HookPoint:
+        """The input of the norm in front of the MLP: the residual stream the MLP reads."""
+        return HookPoint(layer, self.mid_norm, "input", 6)
+
+    def final_norm_module(self, root):
+        return _get(root, self.final_norm)
+
+    def attn_norm_module(self, root, layer: int):
+        return _get(self.block(root, layer), self.attn_norm)
+
+    def attn_post_norm(self) -> bool:
+        """Whether the attention output passes a norm before the residual stream (Gemma)."""
+        return self.post_norms
+
+    def head_weights(self, root, layer: int, layout: Layout) -> torch.Tensor:
+        """Output projection split per head, ``[head, d_head, d_model]`` (no bias)."""
+        module = self.module(root, self.point(Site.HEAD, layer))
+        weight = module.weight if type(module).__name__ == "Conv1D" else module.weight.T
+        return weight.reshape(layout.n_heads, layout.d_head, layout.d_model)
 
     def write_point(self, site: Site, layer: int) -> HookPoint:
         """The hook point written to patch `site`: resid_mid is written through the attention branch."""
@@ -188,7 +211,9 @@ class Adapter:
             if len(blocks) != layout.n_layers:
                 raise UnsupportedModelError(
                     f"{self.family}: found {len(blocks)} blocks at {self.blocks!r}, config says {layout.n_layers}")
+            _get(model, self.final_norm)
             for layer in range(layout.n_layers):
+                _get(self.block(model, layer), self.attn_norm)
                 for site in sites:
                     self.module(model, self.point(site, layer))
         except AttributeError as err:
@@ -222,19 +247,20 @@ _LLAMA_ATTN = dict(q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_pr
 ADAPTERS: tuple[Adapter, ...] = (
     Adapter(family="gpt2", model_types=("gpt2",), blocks="transformer.h",
             qkv="attn.c_attn", qkv_layout="split3", o_proj="attn.c_proj",
-            attn_out="attn", mlp_out="mlp", mid_norm="ln_2"),
+            attn_out="attn", mlp_out="mlp", mid_norm="ln_2", attn_norm="ln_1", final_norm="transformer.ln_f"),
     Adapter(family="gpt_neo", model_types=("gpt_neo",), blocks="transformer.h",
             q="attn.attention.q_proj", k="attn.attention.k_proj", v="attn.attention.v_proj",
-            o_proj="attn.attention.out_proj", attn_out="attn", mlp_out="mlp", mid_norm="ln_2"),
+            o_proj="attn.attention.out_proj", attn_out="attn", mlp_out="mlp", mid_norm="ln_2",
+            attn_norm="ln_1", final_norm="transformer.ln_f"),
     Adapter(family="gpt_neox", model_types=("gpt_neox",), blocks="gpt_neox.layers",
             qkv="attention.query_key_value", qkv_layout="per_head", o_proj="attention.dense",
             attn_out="attention", mlp_out="mlp", mid_norm="post_attention_layernorm",
-            parallel_residual_attr="use_parallel_residual"),
+            final_norm="gpt_neox.final_layer_norm", parallel_residual_attr="use_parallel_residual"),
     Adapter(family="llama", model_types=("llama", "mistral", "qwen2", "qwen3"), blocks="model.layers",
             attn_out="self_attn", mlp_out="mlp", mid_norm="post_attention_layernorm", **_LLAMA_ATTN),
     Adapter(family="gemma", model_types=("gemma2", "gemma3_text"), blocks="model.layers",
             attn_out="post_attention_layernorm", mlp_out="post_feedforward_layernorm",
-            mid_norm="pre_feedforward_layernorm", **_LLAMA_ATTN),
+            mid_norm="pre_feedforward_layernorm", post_norms=True, **_LLAMA_ATTN),
 )
 
 

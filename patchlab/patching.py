@@ -66,13 +66,13 @@ def patch_layer_pos(model: PatchModel, dataset: PromptPairDataset, *, site: Site
     if site not in _RESID_SITES:
         raise ValueError(f"patch_layer_pos takes one of {[s.value for s in _RESID_SITES]}; "
                          f"for {site.value!r} use patch_heads")
-    tokens = _tokenize(model, dataset)
+    tokens = tokenize_for(model, dataset)
     layers = _check_range("layer", layers, model.layout.n_layers)
     positions = _check_range("pos", positions, tokens.n_pos)
     grid = [Component(site=site, layer=layer, pos=p) for layer in layers for p in positions]
     values, base = _run(model, tokens, grid, metric, direction, progress, memory_mb)
     patched = values.reshape(len(layers), len(positions), -1)
-    return _dataset(model, dataset, tokens, base, patched, ("layer", "pos"),
+    return result_dataset(model, dataset, tokens, base, patched, ("layer", "pos"),
                     {"layer": layers, "pos": positions}, site.value, seed)
 
 
@@ -99,7 +99,7 @@ def patch_heads(model: PatchModel, dataset: PromptPairDataset, *, site: Site | s
     site = Site(site)
     if not site.per_head:
         raise ValueError(f"patch_heads takes 'head', 'q', 'k' or 'v', got {site.value!r}; use patch_layer_pos")
-    tokens = _tokenize(model, dataset)
+    tokens = tokenize_for(model, dataset)
     layers = _check_range("layer", layers, model.layout.n_layers)
     heads = list(range(model.layout.n_heads_at(site)))
     positions = list(range(tokens.n_pos)) if per_position else [None]
@@ -112,7 +112,7 @@ def patch_heads(model: PatchModel, dataset: PromptPairDataset, *, site: Site | s
     patched = values.reshape(*[len(coords[d]) for d in dims], -1)
     head_kind = "key/value head" if site in (Site.K, Site.V) and model.layout.n_kv_heads != model.layout.n_heads \
         else "query head"
-    return _dataset(model, dataset, tokens, base, patched, dims, coords, site.value, seed,
+    return result_dataset(model, dataset, tokens, base, patched, dims, coords, site.value, seed,
                     head_kind=head_kind, positions="each" if per_position else "all")
 
 
@@ -129,11 +129,11 @@ def patch_components(model: PatchModel, dataset: PromptPairDataset, components: 
     components = list(components)
     if not components:
         raise ValueError("components is empty; give at least one Component")
-    tokens = _tokenize(model, dataset)
+    tokens = tokenize_for(model, dataset)
     for c in components:
         _check_component(model, tokens, c)
     values, base = _run(model, tokens, components, metric, direction, progress, memory_mb)
-    ds = _dataset(model, dataset, tokens, base, values, ("component",),
+    ds = result_dataset(model, dataset, tokens, base, values, ("component",),
                   {"component": [c.label for c in components]}, "mixed", seed)
     return ds.assign_coords(layer=("component", [c.layer for c in components]),
                             site=("component", [c.site.value for c in components]))
@@ -141,7 +141,8 @@ def patch_components(model: PatchModel, dataset: PromptPairDataset, components: 
 
 # ---- shared machinery -------------------------------------------------------------
 
-def _tokenize(model: PatchModel, dataset: PromptPairDataset) -> TokenizedPairs:
+def tokenize_for(model: PatchModel, dataset: PromptPairDataset) -> TokenizedPairs:
+    """Tokenize and validate `dataset` for `model` (its tokenizer and context length)."""
     if not isinstance(dataset, PromptPairDataset):
         raise TypeError(f"expected a PromptPairDataset, got {type(dataset).__name__}")
     return dataset.tokenize(model.tokenizer, max_length=model.layout.n_ctx)
@@ -184,9 +185,10 @@ def _run(model: PatchModel, tokens: TokenizedPairs, grid: list[Component], metri
     return values, baselines
 
 
-def _dataset(model: PatchModel, dataset: PromptPairDataset, tokens: TokenizedPairs, base: dict,
+def result_dataset(model: PatchModel, dataset: PromptPairDataset, tokens: TokenizedPairs, base: dict,
              patched: torch.Tensor, dims: tuple[str, ...], coords: dict, site: str, seed: int | None,
              **extra_attrs) -> xr.Dataset:
+    """The result Dataset shared by every sweep: ``patched``, ``score``, baselines, coords, provenance attrs."""
     metric, direction = base["metric"], base["direction"]
     clean, corrupted = base["clean"].double().numpy(), base["corrupted"].double().numpy()
     patched = patched.double().numpy()

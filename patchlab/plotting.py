@@ -71,7 +71,8 @@ def _colorbar_label(ds: xr.Dataset, var: str, n_prompts: int | None) -> str:
     attrs = ds[var].attrs
     metric, units = ds.attrs.get("metric", ""), ds.attrs.get("units", "")
     if attrs.get("long_name"):
-        label = str(attrs["long_name"]) + (f" ({attrs['units']})" if attrs.get("units") else "")
+        units_ = str(attrs.get("units", ""))  # CF: "1" means dimensionless, shown without units
+        label = str(attrs["long_name"]) + (f" ({units_})" if units_ not in ("", "1") else "")
     elif var == "score":
         label = "normalised score"
     elif var in ("patched", "clean", "corrupted") and metric:
@@ -206,8 +207,9 @@ def _plot_layer_head_per_pos(ds: xr.Dataset, var: str, *, title: str | None) -> 
     labels = [_pos_labels(ds)[i].replace("\n", " ") for i in keep]
     vmax = _vmax(da_all.isel(pos=keep).values, var)
     ncols = len(keep)
-    width, height = _size(da_all.sizes["head"], da_all.sizes["layer"], col_in=0.3, extra_h=0.4)
-    fig, axes = _new_figure(min(width * ncols, 40.0), height, ncols=ncols)
+    _, height = _size(da_all.sizes["head"], da_all.sizes["layer"], col_in=0.3, extra_h=0.6)
+    panel = max(2.5, 0.26 * da_all.sizes["head"] + 0.7)
+    fig, axes = _new_figure(min(panel * ncols + 1.2, 40.0), height, ncols=ncols)
     with plt.rc_context(_STYLE):
         for k, (ax, i, label) in enumerate(zip(axes, keep, labels)):
             last = k == ncols - 1

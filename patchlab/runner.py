@@ -32,7 +32,7 @@ from .components import Component, Site
 from .metrics import Metric, Targets
 from .models import PatchModel
 
-__all__ = ["RunCache", "cache_runs", "patch_rows", "rows_per_chunk"]
+__all__ = ["RunCache", "cache_runs", "patch_rows", "rows_per_chunk", "chunk_rows", "skip_value"]
 
 
 @dataclass(frozen=True)
@@ -92,13 +92,7 @@ def patch_rows(model: PatchModel, *, base_ids: torch.Tensor, base: RunCache, sou
     """
     n_prompts = base_ids.shape[0]
     limit = max_rows or rows_per_chunk(model, n_prompts, base_ids.shape[1], memory_mb)
-    order = sorted(range(len(rows)), key=lambda r: _start_layer(model, rows[r]))
-    chunks: list[list[int]] = []
-    for r in order:  # chunks never mix start layers, so each skips as much as it can
-        if chunks and len(chunks[-1]) < limit and _start_layer(model, rows[chunks[-1][0]]) == _start_layer(model, rows[r]):
-            chunks[-1].append(r)
-        else:
-            chunks.append([r])
+    chunks = chunk_rows([_start_layer(model, row) for row in rows], limit)
     out = torch.empty(len(rows), n_prompts)
     for chunk in tqdm(chunks, desc="patching", unit="pass", disable=not progress, leave=False):
         logits = _run_chunk(model, base_ids, base, source, [rows[r] for r in chunk])
@@ -107,11 +101,31 @@ def patch_rows(model: PatchModel, *, base_ids: torch.Tensor, base: RunCache, sou
     return out
 
 
+def chunk_rows(start_layers: Sequence[int], limit: int) -> list[list[int]]:
+    """Row indices grouped into chunks of at most `limit` rows that share a start layer,
+    so that every chunk can skip the blocks below it."""
+    chunks: list[list[int]] = []
+    for r in sorted(range(len(start_layers)), key=lambda r: start_layers[r]):
+        if chunks and len(chunks[-1]) < limit and start_layers[chunks[-1][0]] == start_layers[r]:
+            chunks[-1].append(r)
+        else:
+            chunks.append([r])
+    return chunks
+
+
 def rows_per_chunk(model: PatchModel, n_prompts: int, n_pos: int, memory_mb: float) -> int:
     """Rows per forward pass that keep a rough estimate of activation memory under `memory_mb`."""
     lay = model.layout
     bytes_per_sequence = 4 * n_pos * (16 * lay.d_model + 3 * lay.n_heads * n_pos) + 4 * 2 * lay.vocab_size
     return max(1, math.floor(memory_mb * 2**20 / (bytes_per_sequence * n_prompts)))
+
+
+def skip_value(model: PatchModel, base: RunCache, start: int, n_rows: int):
+    """What skipped blocks ``0..start-1`` return: the base run's residual stream entering `start`."""
+    if start == 0:
+        return None
+    value = base.acts[(Site.RESID_PRE, start)].repeat(n_rows, 1, 1).to(model.device)
+    return (value,) + (None,) * (model.block_output_arity - 1) if model.block_output_arity else value
 
 
 def _start_layer(model: PatchModel, row: tuple[Component, ...]) -> int:
@@ -125,9 +139,7 @@ def _run_chunk(model: PatchModel, base_ids, base: RunCache, source: RunCache,
     writes = _plan_writes(model, source, rows, n_prompts, n_pos)
     start = min(p.layer for p in writes)
     ids = base_ids.repeat(n_rows, 1).to(model.device)
-    skip_to = base.acts[(Site.RESID_PRE, start)].repeat(n_rows, 1, 1) if start > 0 else None
-    if skip_to is not None and model.block_output_arity:
-        skip_to = (skip_to,) + (None,) * (model.block_output_arity - 1)
+    skip_to = skip_value(model, base, start, n_rows)
     with torch.no_grad(), nn.trace(ids, logits_to_keep=1):
         for layer in range(start):
             adapter.block(nn, layer).skip(skip_to)

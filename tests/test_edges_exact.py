@@ -1,0 +1,96 @@
+"""Edge patching equals the independent plain-hook reference (`tests.reference_graph`) on every family."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import patchlab as pl
+from patchlab.edges import patch_edges, patch_senders_into
+from patchlab.graph import Channel, Edge, Graph, Node, NodeKind
+from patchlab.metrics import Metric, Targets
+
+from .reference_graph import RefEdge, reference_edge_patched_logits
+from .test_patching_exact import ALL_FAMILIES, TOL, random_pairs
+from .tiny_models import tiny_model, tiny_tokenizer
+
+
+def ref_node(node: Node) -> tuple:
+    if node.kind in (NodeKind.EMBED, NodeKind.LOGITS):
+        return (node.kind.value,)
+    if node.kind is NodeKind.MLP:
+        return ("mlp", node.layer)
+    return ("head", node.layer, node.head)
+
+
+def ref_edge(edge: Edge) -> RefEdge:
+    return RefEdge(ref_node(edge.sender), ref_node(edge.receiver), edge.channel.value, edge.pos)
+
+
+@pytest.fixture(scope="module", params=ALL_FAMILIES)
+def setup(request):
+    hf = tiny_model(request.param)
+    model = pl.load_model(hf, tokenizer=tiny_tokenizer(hf.config.vocab_size), model_id=f"tiny-{request.param}")
+    dataset = random_pairs(hf.config.vocab_size)
+    return model, dataset, dataset.tokenize(model.tokenizer), Graph.from_model(model)
+
+
+def reference_values(model, tokens, edge_sets, direction: str) -> torch.Tensor:
+    base, source = ((tokens.clean_ids, tokens.corrupted_ids) if direction == "noising"
+                    else (tokens.corrupted_ids, tokens.clean_ids))
+    targets = Targets(correct=tokens.correct_ids, incorrect=tokens.incorrect_ids)
+    return torch.stack([Metric.LOGIT_DIFF(reference_edge_patched_logits(model.hf, base, source,
+                                                                        [ref_edge(e) for e in s]), targets)
+                        for s in edge_sets]).double()
+
+
+def some_edge_sets(graph: Graph, n_pos: int, seed: int = 0) -> list[tuple[Edge, ...]]:
+    """Single edges of every receiver kind and channel, token-specific ones, and mixed sets."""
+    rng = random.Random(seed)
+    edges = list(graph.edges())
+    by_kind = {}
+    for e in edges:
+        by_kind.setdefault((e.sender.kind, e.receiver.kind, e.channel), []).append(e)
+    singles = [(rng.choice(group),) for group in by_kind.values()]
+    token_specific = [(Edge(e.sender, e.receiver, e.channel, pos=rng.randrange(n_pos)),) for (e,) in singles[:6]]
+    receiver, channel = Node(NodeKind.MLP, 1), Channel.IN
+    all_into_mlp = tuple(Edge(s, receiver, channel) for s in graph.senders_into(receiver))
+    mixed = [tuple(rng.sample(edges, 12)) for _ in range(3)]
+    return [()] + singles + token_specific + [all_into_mlp] + mixed
+
+
+@pytest.mark.parametrize("direction", ["noising", "denoising"])
+def test_edge_sets_equal_reference(setup, direction):
+    model, dataset, tokens, graph = setup
+    edge_sets = some_edge_sets(graph, tokens.n_pos)
+    ds = patch_edges(model, dataset, edge_sets, direction=direction, progress=False)
+    expected = reference_values(model, tokens, edge_sets, direction)
+    got = torch.from_numpy(ds.patched.values)
+    assert torch.allclose(got, expected, atol=TOL, rtol=0), (got - expected).abs().max()
+
+
+def test_empty_set_is_the_base_run_and_all_logit_edges_the_source_run(setup):
+    model, dataset, tokens, graph = setup
+    logits = Node(NodeKind.LOGITS)
+    ds = patch_edges(model, dataset, [(), [Edge(s, logits, Channel.IN) for s in graph.senders]], progress=False)
+    assert torch.allclose(torch.from_numpy(ds.patched.values[0]), torch.from_numpy(ds.clean.values), atol=TOL)
+    assert torch.allclose(torch.from_numpy(ds.patched.values[1]), torch.from_numpy(ds.corrupted.values), atol=TOL)
+
+
+def test_senders_into_a_query_sweep(setup):
+    model, dataset, tokens, graph = setup
+    receiver = Node(NodeKind.HEAD, 2, 1)
+    ds = patch_senders_into(model, dataset, receiver, "q", progress=False)
+    assert list(ds.sender.values) == [s.label for s in graph.senders_into(receiver)]
+    edge_sets = [(Edge(s, receiver, Channel.Q),) for s in graph.senders_into(receiver)]
+    expected = reference_values(model, tokens, edge_sets, "noising")
+    assert torch.allclose(torch.from_numpy(ds.patched.values), expected, atol=TOL, rtol=0)
+
+
+def test_edges_outside_the_graph_are_refused(setup):
+    model, dataset, _, _ = setup
+    backwards = Edge(Node(NodeKind.HEAD, 2, 0), Node(NodeKind.HEAD, 1, 0), Channel.Q)
+    with pytest.raises(ValueError, match="not an edge"):
+        patch_edges(model, dataset, [(backwards,)], progress=False)
