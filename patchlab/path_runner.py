@@ -1,0 +1,182 @@
+"""Runner for path patching (Wang et al. 2022, "Interpretability in the Wild", arXiv 2211.00593).
+
+For each row's sender set, two forward passes over the batch (one row per
+sender set):
+
+1. the base input, with every sender set to its source value (a head's output
+   z, an MLP's output), every other head's output frozen to its base value and
+   MLPs recomputed (or frozen too, ``freeze_mlps``); the receivers' inputs are
+   recorded: the q/k/v projection slice of each receiver head (key/value head for
+   k and v on grouped-query models), the residual stream an MLP reads, or the
+   final residual stream for the logits;
+2. the base input with only those recorded receiver inputs patched in; the
+   metric is read from its final position.
+
+The base and source caches are computed once per sweep. Blocks below the first
+sender (pass 1) and below the first receiver (pass 2) are skipped, fed the base
+run's cached residual stream; blocks after the last receiver are skipped in pass 1.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Sequence
+
+import nnsight
+import torch
+from tqdm.auto import tqdm
+
+from .components import Site
+from .graph import Channel, Node, NodeKind
+from .metrics import Metric, Targets
+from .models import PatchModel
+from .runner import RunCache, chunk_rows, rows_per_chunk, skip_value
+
+__all__ = ["path_cache_sites", "path_patch_rows"]
+
+_CHANNEL_SITE = {Channel.Q: Site.Q, Channel.K: Site.K, Channel.V: Site.V}
+LOGITS = (Node(NodeKind.LOGITS), Channel.IN)
+
+
+def path_cache_sites(model: PatchModel) -> set[tuple[Site, int]]:
+    """The (site, layer) activations the base and source caches need."""
+    return {(s, layer) for layer in range(model.layout.n_layers) for s in (Site.RESID_PRE, Site.HEAD, Site.MLP_OUT)}
+
+
+def path_patch_rows(model: PatchModel, *, base_ids: torch.Tensor, base: RunCache, source: RunCache,
+                    rows: Sequence[Sequence[Node]], receivers: Sequence[tuple[Node, Channel]], metric: Metric,
+                    targets: Targets, freeze_mlps: bool = False, memory_mb: float = 1024,
+                    progress: bool = True) -> torch.Tensor:
+    """Metric of the base run after path patching each row's senders into `receivers`.
+
+    Args:
+        rows: one set of sender nodes (heads and/or MLPs) per row.
+        receivers: (node, channel) pairs: head q (query heads), k/v (key/value
+            heads on grouped-query models), MLP "in", or the logits.
+        freeze_mlps: freeze MLPs to their base values too (a variant; default
+            recomputes them, as in the paper).
+
+    Returns:
+        Metric values, ``[row, prompt]``.
+
+    Raises:
+        ValueError: a sender that is not a head or MLP, or a receiver that does not
+            come after every sender.
+    """
+    receivers = list(dict.fromkeys(receivers))
+    first_receiver = min(_layer(model, node) for node, _ in receivers)
+    for row in rows:
+        for s in row:
+            if s.kind not in (NodeKind.HEAD, NodeKind.MLP):
+                raise ValueError(f"path patching senders are heads or MLPs, got {s.label}")
+            late = [n.label for n, _ in receivers if _layer(model, n) < s.layer or
+                    (_layer(model, n) == s.layer and not (n.kind is NodeKind.MLP and s.kind is NodeKind.HEAD
+                                                         and model.adapter.has_resid_mid(model.hf.config)))]
+            if late:
+                raise ValueError(f"receivers {late} do not come after sender {s.label}: "
+                                 "receivers must read the residual stream after every sender writes to it")
+    n_prompts, n_pos = base_ids.shape
+    limit = rows_per_chunk(model, n_prompts, n_pos, memory_mb)
+    starts = [min((s.layer for s in row), default=first_receiver) for row in rows]
+    out = torch.empty(len(rows), n_prompts)
+    for chunk in tqdm(chunk_rows(starts, limit), desc="path patching", unit="pass", disable=not progress, leave=False):
+        chunk_rows_ = [rows[r] for r in chunk]
+        recorded = _record(model, base_ids, base, source, chunk_rows_, starts[chunk[0]], receivers, freeze_mlps)
+        logits = _replay(model, base_ids, base, recorded, len(chunk), first_receiver)
+        out[chunk] = metric(logits, targets.repeat(len(chunk))).reshape(len(chunk), n_prompts).cpu()
+    return out
+
+
+def _layer(model: PatchModel, node: Node) -> int:
+    return model.layout.n_layers if node.kind is NodeKind.LOGITS else node.layer
+
+
+def _receivers_at(model, receivers):
+    heads, mlps = defaultdict(list), set()
+    for node, channel in receivers:
+        if channel in _CHANNEL_SITE:
+            heads[node.layer].append((node, channel))
+        elif node.kind is NodeKind.MLP:
+            mlps.add(node.layer)
+    return heads, mlps
+
+
+def _record(model: PatchModel, base_ids, base: RunCache, source: RunCache, rows, start: int,
+            receivers, freeze_mlps: bool) -> dict:
+    """Pass 1: senders at source values, other heads frozen; returns the receivers' inputs."""
+    adapter, layout, nn = model.adapter, model.layout, model.nn
+    n_rows, n_layers = len(rows), layout.n_layers
+    rep = lambda t: t.repeat(n_rows, *([1] * (t.dim() - 1))).to(model.device)
+    expand = lambda m: m.repeat_interleave(base_ids.shape[0], dim=0).to(model.device)
+    head_mask = torch.zeros(n_rows, n_layers, layout.n_heads, dtype=torch.bool)
+    mlp_mask = torch.zeros(n_rows, n_layers, dtype=torch.bool)
+    for r, row in enumerate(rows):
+        for s in row:
+            if s.kind is NodeKind.HEAD:
+                head_mask[r, s.layer, s.head] = True
+            else:
+                mlp_mask[r, s.layer] = True
+    head_mask, mlp_mask = expand(head_mask), expand(mlp_mask)
+    heads_at, mlps_at = _receivers_at(model, receivers)
+    last = max(_layer(model, n) for n, _ in receivers)
+    skip_to = skip_value(model, base, start, n_rows)
+    ids = base_ids.repeat(n_rows, 1).to(model.device)
+    with torch.no_grad(), nn.trace(ids, logits_to_keep=1):
+        store = nnsight.save({})
+        for layer in range(start):
+            adapter.block(nn, layer).skip(skip_to)
+        for layer in range(start, min(last + 1, n_layers)):
+            by_point = defaultdict(list)
+            for node, channel in heads_at[layer]:
+                by_point[adapter.point(_CHANNEL_SITE[channel], layer)].append((node, channel))
+            for point in sorted(by_point, key=lambda p: p.sort_key):
+                raw = adapter.module(nn, point).output
+                for node, channel in by_point[point]:
+                    store[(node, channel)] = adapter.view(_CHANNEL_SITE[channel], raw, layout)[:, :, node.head].clone()
+            o_proj = adapter.module(nn, adapter.point(Site.HEAD, layer))
+            frozen = torch.where(head_mask[:, layer, None, :, None], rep(source.acts[(Site.HEAD, layer)]),
+                                 rep(base.acts[(Site.HEAD, layer)]))
+            o_proj.input = frozen.reshape(o_proj.input.shape)
+            if layer in mlps_at:
+                store[(Node(NodeKind.MLP, layer), Channel.IN)] = adapter.module(nn, adapter.mlp_in_point(layer)).input.clone()
+            if freeze_mlps or mlp_mask[:, layer].any():
+                mlp = adapter.module(nn, adapter.point(Site.MLP_OUT, layer))
+                other = rep(base.acts[(Site.MLP_OUT, layer)]) if freeze_mlps else mlp.output
+                mlp.output = torch.where(mlp_mask[:, layer, None, None], rep(source.acts[(Site.MLP_OUT, layer)]), other)
+        tail = skip_value(model, base, last + 1, n_rows) if last + 1 < n_layers else None
+        for layer in range(last + 1, n_layers):
+            adapter.block(nn, layer).skip(tail)  # nothing after the last receiver is read
+        if last >= n_layers:
+            store[LOGITS] = adapter.final_norm_module(nn).input.clone()
+    return store
+
+
+def _replay(model: PatchModel, base_ids, base: RunCache, recorded: dict, n_rows: int, first: int) -> torch.Tensor:
+    """Pass 2: the base run with only the recorded receiver inputs patched in."""
+    adapter, layout, nn = model.adapter, model.layout, model.nn
+    heads_at, mlps_at = _receivers_at(model, list(recorded))
+    start = min(first, layout.n_layers)
+    ids = base_ids.repeat(n_rows, 1).to(model.device)
+    skip_to = skip_value(model, base, min(start, layout.n_layers - 1), n_rows) if start else None
+    with torch.no_grad(), nn.trace(ids, logits_to_keep=1):
+        for layer in range(min(start, layout.n_layers)):
+            adapter.block(nn, layer).skip(skip_to)
+        for layer in range(start, layout.n_layers):
+            by_point = defaultdict(list)
+            for node, channel in heads_at[layer]:
+                by_point[adapter.point(_CHANNEL_SITE[channel], layer)].append((node, channel))
+            for point in sorted(by_point, key=lambda p: p.sort_key):
+                module = adapter.module(nn, point)
+                new = module.output
+                for node, channel in by_point[point]:
+                    site = _CHANNEL_SITE[channel]
+                    view = adapter.view(site, new, layout).clone()
+                    view[:, :, node.head] = recorded[(node, channel)]
+                    new = adapter.unview(site, new, view, layout)
+                module.output = new
+            if layer in mlps_at:
+                adapter.module(nn, adapter.mlp_in_point(layer)).input = recorded[(Node(NodeKind.MLP, layer), Channel.IN)]
+        if LOGITS in recorded:
+            adapter.final_norm_module(nn).input = recorded[LOGITS]
+        logits = nnsight.save(nn.output.logits[:, -1])
+    return logits
