@@ -44,26 +44,30 @@ def path_cache_sites(model: PatchModel) -> set[tuple[Site, int]]:
 
 
 def path_patch_rows(model: PatchModel, *, base_ids: torch.Tensor, base: RunCache, source: RunCache,
-                    rows: Sequence[Sequence[Node]], receivers: Sequence[tuple[Node, Channel]], metric: Metric,
-                    targets: Targets, freeze_mlps: bool = False, memory_mb: float = 1024,
+                    rows: Sequence[Sequence[Node]], receiver_sets: Sequence[Sequence[tuple[Node, Channel]]],
+                    metric: Metric, targets: Targets, freeze_mlps: bool = False, memory_mb: float = 1024,
                     progress: bool = True) -> torch.Tensor:
-    """Metric of the base run after path patching each row's senders into `receivers`.
+    """Metric of the base run after path patching each row's senders into each receiver set.
+
+    Pass 1 does not depend on the receivers, so it runs once per chunk of rows and
+    records the inputs of every receiver of every set; pass 2 runs once per set.
 
     Args:
         rows: one set of sender nodes (heads and/or MLPs) per row.
-        receivers: (node, channel) pairs: head q (query heads), k/v (key/value
-            heads on grouped-query models), MLP "in", or the logits.
+        receiver_sets: sets of (node, channel) pairs: head q (query heads), k/v
+            (key/value heads on grouped-query models), MLP "in", or the logits.
         freeze_mlps: freeze MLPs to their base values too (a variant; default
             recomputes them, as in the paper).
 
     Returns:
-        Metric values, ``[row, prompt]``.
+        Metric values, ``[set, row, prompt]``.
 
     Raises:
         ValueError: a sender that is not a head or MLP, or a receiver that does not
             come after every sender.
     """
-    receivers = list(dict.fromkeys(receivers))
+    receiver_sets = [list(dict.fromkeys(rs)) for rs in receiver_sets]
+    receivers = list(dict.fromkeys(r for rs in receiver_sets for r in rs))
     first_receiver = min(_layer(model, node) for node, _ in receivers)
     for row in rows:
         for s in row:
@@ -78,12 +82,14 @@ def path_patch_rows(model: PatchModel, *, base_ids: torch.Tensor, base: RunCache
     n_prompts, n_pos = base_ids.shape
     limit = rows_per_chunk(model, n_prompts, n_pos, memory_mb)
     starts = [min((s.layer for s in row), default=first_receiver) for row in rows]
-    out = torch.empty(len(rows), n_prompts)
+    out = torch.empty(len(receiver_sets), len(rows), n_prompts)
     for chunk in tqdm(chunk_rows(starts, limit), desc="path patching", unit="pass", disable=not progress, leave=False):
-        chunk_rows_ = [rows[r] for r in chunk]
-        recorded = _record(model, base_ids, base, source, chunk_rows_, starts[chunk[0]], receivers, freeze_mlps)
-        logits = _replay(model, base_ids, base, recorded, len(chunk), first_receiver)
-        out[chunk] = metric(logits, targets.repeat(len(chunk))).reshape(len(chunk), n_prompts).cpu()
+        recorded = _record(model, base_ids, base, source, [rows[r] for r in chunk], starts[chunk[0]], receivers,
+                           freeze_mlps)
+        for i, receiver_set in enumerate(receiver_sets):
+            first = min(_layer(model, node) for node, _ in receiver_set)
+            logits = _replay(model, base_ids, base, {k: recorded[k] for k in receiver_set}, len(chunk), first)
+            out[i, chunk] = metric(logits, targets.repeat(len(chunk))).reshape(len(chunk), n_prompts).cpu()
     return out
 
 

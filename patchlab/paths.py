@@ -86,11 +86,10 @@ def path_patch_heads(model: PatchModel, dataset: PromptPairDataset, *,
     base_ids, base, source = ((tokens.clean_ids, clean, corrupted) if direction is Direction.NOISING
                               else (tokens.corrupted_ids, corrupted, clean))
     grid = torch.full((len(sets), lay.n_layers, lay.n_heads, tokens.n_prompts), float("nan"))
-    for i, receiver_set in enumerate(sets.values()):
-        values = path_patch_rows(model, base_ids=base_ids, base=base, source=source, rows=[(s,) for s in senders],
-                                 receivers=receiver_set, metric=metric, targets=targets, freeze_mlps=freeze_mlps,
-                                 memory_mb=memory_mb, progress=progress)
-        grid[i, :first] = values.reshape(first, lay.n_heads, -1)
+    values = path_patch_rows(model, base_ids=base_ids, base=base, source=source, rows=[(s,) for s in senders],
+                             receiver_sets=list(sets.values()), metric=metric, targets=targets,
+                             freeze_mlps=freeze_mlps, memory_mb=memory_mb, progress=progress)
+    grid[:, :first] = values.reshape(len(sets), first, lay.n_heads, -1)
     baselines = {"metric": metric, "direction": direction,
                  "clean": metric(clean.logits, targets).cpu(), "corrupted": metric(corrupted.logits, targets).cpu()}
     dims, coords = ("layer", "head"), {"layer": list(range(lay.n_layers)), "head": list(range(lay.n_heads))}
