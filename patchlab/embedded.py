@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import datetime
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -28,6 +27,8 @@ import tempfile
 import time
 import uuid
 from dataclasses import dataclass
+
+from ._io import file_sha256
 
 __all__ = [
     "DEFAULT_MODEL", "EMBEDDED_MODELS", "EmbeddedModel", "EmbeddedModelCorrupt",
@@ -90,19 +91,6 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
         ),
     ),
 }
-
-
-def file_sha256(path: str | os.PathLike, *, chunk_bytes: int = 1 << 20) -> str:
-    """Return the hex sha256 digest of a file, read in chunks of ``chunk_bytes``.
-
-    Raises:
-        OSError: the file cannot be read.
-    """
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def embedded_model_path(

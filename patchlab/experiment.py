@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ._io import atomic_path, atomic_write_text
-from .embedded import file_sha256
+from ._io import file_sha256
 from .provenance import git_commit, machine, now_iso, versions
 
 __all__ = ["ExperimentRun"]

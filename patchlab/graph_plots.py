@@ -37,15 +37,18 @@ def plot_channels(ds: xr.Dataset, var: str = "score", *, title: str | None = Non
     return fig
 
 
-def plot_path_graph(to_logits: xr.Dataset, to_receivers: xr.Dataset | None = None, *, top: int = 12,
-                    var: str = "score", title: str | None = None) -> Figure:
+def plot_path_graph(to_logits: xr.Dataset, to_receivers: xr.Dataset | None = None, *, top: int = 8,
+                    min_fraction: float = 0.05, var: str = "score", title: str | None = None) -> Figure:
     """The strongest paths as a graph: layers bottom to top, heads as nodes by index.
 
     Edges: the `top` strongest sender -> logits paths (from `to_logits`, dims
     (layer, head[, prompt])) and, if given, the `top` strongest sender -> receiver
     paths per channel (from `to_receivers`, dims (channel, layer, head[, prompt]),
-    receivers in its ``receivers`` attr). Width follows |score|; blue is
-    positive, red negative; q/k/v edges are drawn solid/dashed/dotted.
+    receivers in its ``receivers`` attr; a path into the receiver *set* is drawn
+    to each of its heads). Paths weaker than `min_fraction` of the strongest one
+    are left out, and of the q/k/v paths between one pair of heads only the
+    strongest is drawn. Width follows |score|; blue is positive, red negative;
+    q/k/v edges are drawn solid/dashed/dotted.
     """
     graph = nx.DiGraph()
     n_layers = to_logits.sizes["layer"]
@@ -69,8 +72,12 @@ def plot_path_graph(to_logits: xr.Dataset, to_receivers: xr.Dataset | None = Non
             for (layer, head), score in _strongest(scores, top):
                 sender = f"L{layer}H{head}"
                 add_head(sender, layer, head)
-                for receiver in receivers:
-                    graph.add_edge(sender, receiver, score=score, style=styles.get(str(channel), "solid"))
+                for receiver in receivers:  # one edge per pair: keep the strongest channel
+                    if not graph.has_edge(sender, receiver) or abs(graph.edges[sender, receiver]["score"]) < abs(score):
+                        graph.add_edge(sender, receiver, score=score, style=styles.get(str(channel), "solid"))
+    strongest = max((abs(d["score"]) for *_, d in graph.edges(data=True)), default=0.0)
+    graph.remove_edges_from([(u, v) for u, v, d in graph.edges(data=True) if abs(d["score"]) < min_fraction * strongest])
+    graph.remove_nodes_from([n for n in list(graph) if graph.degree(n) == 0])
     pos = nx.get_node_attributes(graph, "pos")
     fig, ax = plt.subplots(figsize=(8, 0.3 * n_layers + 2.5), layout="constrained")
     scores = np.array([abs(d["score"]) for *_, d in graph.edges(data=True)] or [1.0])

@@ -119,7 +119,7 @@ def _source_values(model: PatchModel, source: RunCache) -> dict:
 
 
 def _plan(model: PatchModel, rows: Sequence[Sequence[Edge]], n_prompts: int, n_pos: int) -> dict:
-    n_rows, batch = len(rows), len(rows) * n_prompts
+    n_rows = len(rows)
     plans: dict[tuple[Node, Channel], _Plan] = {}
     for r, row in enumerate(rows):
         for edge in row:

@@ -15,7 +15,6 @@ unchanged.
 from __future__ import annotations
 
 import enum
-import hashlib
 import importlib.metadata
 import os
 import platform
@@ -25,6 +24,8 @@ import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from ._io import file_sha256
 
 __all__ = ["versions", "git_commit", "machine", "now_iso", "file_sha256",
            "provenance_attrs", "attr_value"]
@@ -157,15 +158,6 @@ def machine() -> dict[str, str]:
 def now_iso() -> str:
     """The current UTC time, ISO 8601 to the second: ``"2026-11-21T10:15:30Z"``."""
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def file_sha256(path: str | Path, *, chunk_bytes: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file's bytes, read in chunks. Raises `OSError` if unreadable."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def attr_value(value: Any) -> str | int | float:

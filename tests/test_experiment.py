@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 
@@ -120,3 +121,139 @@ def test_resume_keeps_finished_results_and_refuses_other_prompts(sweep, tmp_path
     with pytest.raises(FileNotFoundError):
         with pl.ExperimentRun("demo", root=tmp_path, config={}, seed=0, run_id="nope", resume=True):
             pass
+
+
+# ---- ExperimentRun without a model: folder layout, atomic writes, logging, errors -------------
+
+import dataclasses  # noqa: E402
+import logging  # noqa: E402
+import re  # noqa: E402
+from datetime import datetime, timezone  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import matplotlib.image  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
+
+from patchlab import experiment as experiment_module  # noqa: E402
+from patchlab.experiment import atomic_write_text  # noqa: E402
+from patchlab.provenance import provenance_attrs, versions  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Cfg:
+    out: Path = Path("a/b")
+    layers: tuple[int, ...] = (1, 2)
+    name: str = "x"
+
+
+def small_result() -> xr.Dataset:
+    rng = np.random.default_rng(3)
+    attrs = provenance_attrs(model_id="m", model_sha256="ab" * 32, dataset_sha256="cd" * 32, seed=1,
+                             metric="logit_diff", units="nats", direction="denoising", site="resid_pre")
+    return xr.Dataset(
+        {"patched": (("layer", "pos", "prompt"), rng.normal(size=(2, 3, 2)), {"units": "nats"}),
+         "score": (("layer", "pos"), rng.normal(size=(2, 3))),
+         "clean": (("prompt",), np.array([3.0, 3.5])), "corrupted": (("prompt",), np.array([-3.0, -3.5]))},
+        coords={"layer": [0, 1], "pos": [0, 1, 2], "prompt": [0, 1],
+                "token": ("pos", np.asarray(["When", " Mary", " to"], dtype=str)),
+                "pos_name": ("pos", np.asarray(["", "IO", "END"], dtype=str))},
+        attrs=attrs)
+
+
+def test_config_manifest_and_netcdf_round_trip_without_a_model(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ds = small_result()
+    with pl.ExperimentRun("exp", root=tmp_path / "res", config=Cfg(), seed=3) as run:
+        path = run.save_dataset(ds, "sweep")
+        logging.getLogger("patchlab.test").info("hello from inside")
+    assert re.fullmatch(r"\d{8}T\d{6}Z", run.path.name) and run.path.parent == tmp_path / "res" / "exp"
+    assert json.loads((run.path / "config.json").read_text()) == {"out": "a/b", "layers": [1, 2], "name": "x"}
+    with xr.open_dataset(path, engine="netcdf4") as back:
+        loaded = back.load()
+    xr.testing.assert_identical(loaded, ds)  # provenance attrs included
+    manifest = json.loads((run.path / "manifest.json").read_text())
+    assert manifest["experiment"] == "exp" and manifest["run_id"] == run.path.name
+    assert manifest["command"] == [sys.executable, *sys.argv]
+    assert manifest["versions"] == versions() and manifest["config"]["out"] == "a/b"
+    assert {"hostname", "device"} <= set(manifest["machine"]) and manifest["wall_seconds"] >= 0
+    start, end = (datetime.fromisoformat(manifest[k]) for k in ("started", "finished"))
+    assert start <= end
+    assert manifest["files"] == {"sweep.nc": sha256(path)}
+    log_text = (run.path / "log.txt").read_text()
+    assert "started" in log_text and "hello from inside" in log_text
+
+
+def test_log_handler_is_removed_and_level_restored(tmp_path):
+    logger = logging.getLogger("patchlab")
+    handlers, level = list(logger.handlers), logger.level
+    with pl.ExperimentRun("exp", root=tmp_path, config={}, seed=0, run_id="a", command=["x"]) as run:
+        assert len(logger.handlers) == len(handlers) + 1
+    logger.warning("after the run")
+    assert logger.handlers == handlers and logger.level == level
+    assert "after the run" not in (run.path / "log.txt").read_text()
+
+
+def test_run_ids_never_reuse_a_folder(tmp_path, monkeypatch):
+    class Frozen(datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return datetime(2026, 11, 21, 10, 15, 30, tzinfo=timezone.utc)
+
+    monkeypatch.setattr(experiment_module, "datetime", Frozen)
+    names = []
+    for _ in range(3):
+        with pl.ExperimentRun("exp", root=tmp_path, config={}, seed=0, command=["x"]) as run:
+            names.append(run.path.name)
+    assert names == ["20261121T101530Z", "20261121T101530Z-2", "20261121T101530Z-3"]
+    with pytest.raises(FileExistsError):
+        with pl.ExperimentRun("exp", root=tmp_path, config={}, seed=0, run_id="20261121T101530Z"):
+            pass
+
+
+def test_outputs_need_an_open_run(tmp_path):
+    run = pl.ExperimentRun("exp", root=tmp_path, config={}, seed=0)
+    with pytest.raises(RuntimeError, match="context manager"):
+        run.save_dataset(small_result(), "x")
+    assert not (tmp_path / "exp").exists()
+
+
+def test_save_figure_writes_a_png_and_closes_the_figure(tmp_path):
+    fig, ax = plt.subplots(figsize=(2, 1))
+    ax.plot([0, 1], [0, 1])
+    with pl.ExperimentRun("exp", root=tmp_path, config={}, seed=0, run_id="f", command=["x"]) as run:
+        path = run.save_figure(fig, "line")
+    assert not plt.fignum_exists(fig.number)
+    image = matplotlib.image.imread(path)
+    assert image.ndim == 3 and 100 <= image.shape[1] <= 300  # ~2 in at 150 dpi, cropped tight
+    assert json.loads((run.path / "manifest.json").read_text())["files"] == {"line.png": sha256(path)}
+
+
+def test_a_failed_write_leaves_no_partial_file_and_marks_the_run_failed(tmp_path):
+    bad = small_result()
+    bad.attrs["nested"] = {"a": 1}  # netCDF cannot store it: to_netcdf raises
+    good = small_result()
+    with pytest.raises((TypeError, ValueError)):
+        with pl.ExperimentRun("exp", root=tmp_path, config={}, seed=0, run_id="w", command=["x"]) as run:
+            run.save_dataset(good, "good")
+            run.save_dataset(bad, "bad")
+    names = sorted(p.name for p in run.path.iterdir())
+    assert names == ["config.json", "good.nc", "log.txt", "manifest.json"]  # no bad.nc, no temp files
+    manifest = json.loads((run.path / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and manifest["error"]
+    assert manifest["files"] == {"good.nc": sha256(run.path / "good.nc")}
+    assert "failed" in (run.path / "log.txt").read_text()
+
+
+def test_atomic_write_text_keeps_the_old_file_when_replace_fails(tmp_path, monkeypatch):
+    target = tmp_path / "t.txt"
+    atomic_write_text(target, "old\n")
+    assert target.read_text() == "old\n"
+
+    def broken(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", broken)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write_text(target, "new\n")
+    monkeypatch.undo()
+    assert target.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["t.txt"]

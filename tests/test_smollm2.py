@@ -72,3 +72,38 @@ def test_ioi_baselines_and_whole_residual_patches(smollm2):
     last = pl.patch_layer_pos(smollm2, dataset, site="resid_post", layers=[29], positions=[end], progress=False)
     assert np.allclose(last.patched.sel(layer=29, pos=end), ds.clean, atol=1e-4)
     assert ds.pos_name.sel(pos=s2) == "S2" and ds.token.sel(pos=end).item().strip() == "to"
+
+
+def test_edge_and_path_patching_equal_reference(smollm2):
+    """Graph-level patching on the real model, a few edges and paths, against tests.reference_graph."""
+    from patchlab.edges import patch_edges
+    from patchlab.graph import Channel, Edge, Node, NodeKind
+    from patchlab.metrics import Metric, Targets
+    from patchlab.path_runner import path_cache_sites, path_patch_rows
+    from patchlab.runner import cache_runs
+
+    from .reference_graph import reference_edge_patched_logits, reference_path_patched_logits
+    from .test_edges_exact import ref_edge
+
+    dataset = pl.ioi_dataset(smollm2.tokenizer, n_prompts=2, corruption="abc", seed=0)
+    tokens = dataset.tokenize(smollm2.tokenizer)
+    targets = Targets(correct=tokens.correct_ids, incorrect=tokens.incorrect_ids)
+    head = lambda layer, h: Node(NodeKind.HEAD, layer, h)
+    edge_sets = [(Edge(head(20, 0), head(23, 3), Channel.Q),),
+                 (Edge(head(17, 4), Node(NodeKind.KV_HEAD, 23, 1), Channel.K, pos=tokens.positions["S2"]),),
+                 (Edge(head(23, 3), Node(NodeKind.LOGITS), Channel.IN), Edge(Node(NodeKind.MLP, 5), Node(NodeKind.MLP, 9), Channel.IN))]
+    ds = patch_edges(smollm2, dataset, edge_sets, progress=False)
+    for i, edges in enumerate(edge_sets):
+        logits = reference_edge_patched_logits(smollm2.hf, tokens.clean_ids, tokens.corrupted_ids, [ref_edge(e) for e in edges])
+        assert torch.allclose(torch.from_numpy(ds.patched.values[i]), Metric.LOGIT_DIFF(logits, targets).double(), atol=TOL)
+
+    clean, corrupted = cache_runs(smollm2, [tokens.clean_ids, tokens.corrupted_ids], path_cache_sites(smollm2))
+    senders = [(head(20, 0),), (head(8, 1),), (Node(NodeKind.MLP, 3),)]
+    receiver_sets = [[(head(23, 3), Channel.Q)], [(Node(NodeKind.LOGITS), Channel.IN)]]
+    values = path_patch_rows(smollm2, base_ids=tokens.clean_ids, base=clean, source=corrupted, rows=senders,
+                             receiver_sets=receiver_sets, metric=Metric.LOGIT_DIFF, targets=targets, progress=False)
+    for r, (sender,) in enumerate(senders):
+        ref_sender = ("mlp", sender.layer) if sender.kind is NodeKind.MLP else ("head", sender.layer, sender.head)
+        for i, receivers in enumerate([[(("head", 23, 3), "q")], "logits"]):
+            logits = reference_path_patched_logits(smollm2.hf, tokens.clean_ids, tokens.corrupted_ids, [ref_sender], receivers)
+            assert torch.allclose(values[i, r].double(), Metric.LOGIT_DIFF(logits, targets).double(), atol=TOL)
