@@ -94,3 +94,35 @@ def test_edges_outside_the_graph_are_refused(setup):
     backwards = Edge(Node(NodeKind.HEAD, 2, 0), Node(NodeKind.HEAD, 1, 0), Channel.Q)
     with pytest.raises(ValueError, match="not an edge"):
         patch_edges(model, dataset, [(backwards,)], progress=False)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_without_the_final_norm_edges_into_the_logits_add_up(family):
+    """With the receiver's normalisation removed, the logits are linear in the final residual,
+    so the effects of two edges into the logits add up exactly."""
+    hf = tiny_model(family)
+    norm_path = "transformer.ln_f" if family == "gpt2" else "model.norm"
+    parent, name = norm_path.rsplit(".", 1)
+    setattr(hf.get_submodule(parent), name, torch.nn.Identity())
+    model = pl.load_model(hf, tokenizer=tiny_tokenizer(hf.config.vocab_size))
+    dataset = random_pairs(hf.config.vocab_size)
+    logits = Node(NodeKind.LOGITS)
+    a, b = Edge(Node(NodeKind.HEAD, 1, 2), logits, Channel.IN), Edge(Node(NodeKind.MLP, 0), logits, Channel.IN)
+    ds = patch_edges(model, dataset, [(), (a,), (b,), (a, b)], progress=False)
+    none, only_a, only_b, both = torch.from_numpy(ds.patched.values)
+    assert torch.allclose(both - none, (only_a - none) + (only_b - none), atol=TOL)
+    assert (only_a - none).abs().max() > 1e-3 and (only_b - none).abs().max() > 1e-3  # both edges matter
+
+
+def test_path_results_round_trip_through_netcdf(tmp_path):
+    import xarray as xr
+
+    from patchlab.paths import path_patch_heads
+
+    hf = tiny_model("qwen2")
+    model = pl.load_model(hf, tokenizer=tiny_tokenizer(hf.config.vocab_size))
+    ds = path_patch_heads(model, random_pairs(hf.config.vocab_size), receivers=[Node(NodeKind.HEAD, 2, 0)],
+                          progress=False)
+    ds.to_netcdf(tmp_path / "p.nc", engine="netcdf4")
+    with xr.open_dataset(tmp_path / "p.nc", engine="netcdf4") as back:
+        xr.testing.assert_identical(back.load(), ds)
