@@ -45,8 +45,8 @@ def path_cache_sites(model: PatchModel) -> set[tuple[Site, int]]:
 
 def path_patch_rows(model: PatchModel, *, base_ids: torch.Tensor, base: RunCache, source: RunCache,
                     rows: Sequence[Sequence[Node]], receiver_sets: Sequence[Sequence[tuple[Node, Channel]]],
-                    metric: Metric, targets: Targets, freeze_mlps: bool = False, memory_mb: float = 1024,
-                    progress: bool = True) -> torch.Tensor:
+                    metric: Metric, targets: Targets, hops: Sequence[Sequence[tuple[Node, Channel]]] = (),
+                    freeze_mlps: bool = False, memory_mb: float = 1024, progress: bool = True) -> torch.Tensor:
     """Metric of the base run after path patching each row's senders into each receiver set.
 
     Pass 1 does not depend on the receivers, so it runs once per chunk of rows and
@@ -56,6 +56,10 @@ def path_patch_rows(model: PatchModel, *, base_ids: torch.Tensor, base: RunCache
         rows: one set of sender nodes (heads and/or MLPs) per row.
         receiver_sets: sets of (node, channel) pairs: head q (query heads), k/v
             (key/value heads on grouped-query models), MLP "in", or the logits.
+        hops: intermediate receiver sets for multi-hop paths (sender -> hop 1 ->
+            ... -> receivers), head q/k/v channels only: each hop's inputs are
+            recorded with the previous hop's inputs patched in and only the
+            previous hop's heads live, every other head frozen.
         freeze_mlps: freeze MLPs to their base values too (a variant; default
             recomputes them, as in the paper).
 
@@ -67,13 +71,19 @@ def path_patch_rows(model: PatchModel, *, base_ids: torch.Tensor, base: RunCache
             come after every sender.
     """
     receiver_sets = [list(dict.fromkeys(rs)) for rs in receiver_sets]
+    hops = [list(dict.fromkeys(h)) for h in hops]
     receivers = list(dict.fromkeys(r for rs in receiver_sets for r in rs))
-    first_receiver = min(_layer(model, node) for node, _ in receivers)
+    stages = hops + [receivers]
+    for before, after in zip(stages, stages[1:]):
+        if any(c not in _CHANNEL_SITE for _, c in before) or \
+                max(n.layer for n, _ in before) >= min(_layer(model, n) for n, _ in after):
+            raise ValueError("each hop must be head q/k/v inputs in layers before every receiver of the next stage")
+    first_receiver = min(_layer(model, node) for node, _ in stages[0])
     for row in rows:
         for s in row:
             if s.kind not in (NodeKind.HEAD, NodeKind.MLP):
                 raise ValueError(f"path patching senders are heads or MLPs, got {s.label}")
-            late = [n.label for n, _ in receivers if _layer(model, n) < s.layer or
+            late = [n.label for n, _ in stages[0] if _layer(model, n) < s.layer or
                     (_layer(model, n) == s.layer and not (n.kind is NodeKind.MLP and s.kind is NodeKind.HEAD
                                                          and model.adapter.has_resid_mid(model.hf.config)))]
             if late:
@@ -84,8 +94,11 @@ def path_patch_rows(model: PatchModel, *, base_ids: torch.Tensor, base: RunCache
     starts = [min((s.layer for s in row), default=first_receiver) for row in rows]
     out = torch.empty(len(receiver_sets), len(rows), n_prompts)
     for chunk in tqdm(chunk_rows(starts, limit), desc="path patching", unit="pass", disable=not progress, leave=False):
-        recorded = _record(model, base_ids, base, source, [rows[r] for r in chunk], starts[chunk[0]], receivers,
-                           freeze_mlps)
+        chunk_rows_ = [rows[r] for r in chunk]
+        recorded = _record(model, base_ids, base, source, chunk_rows_, starts[chunk[0]], stages[0], freeze_mlps)
+        for stage in stages[1:]:
+            recorded = _record(model, base_ids, base, source, [()] * len(chunk), min(n.layer for n, _ in recorded),
+                               stage, freeze_mlps, previous=recorded)
         for i, receiver_set in enumerate(receiver_sets):
             first = min(_layer(model, node) for node, _ in receiver_set)
             logits = _replay(model, base_ids, base, {k: recorded[k] for k in receiver_set}, len(chunk), first)
@@ -108,8 +121,13 @@ def _receivers_at(model, receivers):
 
 
 def _record(model: PatchModel, base_ids, base: RunCache, source: RunCache, rows, start: int,
-            receivers, freeze_mlps: bool) -> dict:
-    """Pass 1: senders at source values, other heads frozen; returns the receivers' inputs."""
+            receivers, freeze_mlps: bool, previous: dict | None = None) -> dict:
+    """One recording pass; returns the receivers' inputs.
+
+    Hop 1 (``previous`` None): the rows' senders at their source values. Later hops:
+    the previous hop's recorded inputs patched in, and the previous hop's heads
+    computing their outputs from them. Every other head is frozen to its base value.
+    """
     adapter, layout, nn = model.adapter, model.layout, model.nn
     n_rows, n_layers = len(rows), layout.n_layers
     rep = lambda t: t.repeat(n_rows, *([1] * (t.dim() - 1))).to(model.device)
@@ -123,6 +141,14 @@ def _record(model: PatchModel, base_ids, base: RunCache, source: RunCache, rows,
             else:
                 mlp_mask[r, s.layer] = True
     head_mask, mlp_mask = expand(head_mask), expand(mlp_mask)
+    live = torch.zeros(n_layers, layout.n_heads, dtype=torch.bool)  # heads of the previous hop
+    group = layout.n_heads // layout.n_kv_heads
+    for node, channel in previous or {}:
+        if channel is Channel.Q or node.kind is NodeKind.HEAD:
+            live[node.layer, node.head] = True
+        else:
+            live[node.layer, node.head * group:(node.head + 1) * group] = True
+    patch_at, _ = _receivers_at(model, list(previous or {}))
     heads_at, mlps_at = _receivers_at(model, receivers)
     last = max(_layer(model, n) for n, _ in receivers)
     skip_to = skip_value(model, base, start, n_rows)
@@ -132,16 +158,25 @@ def _record(model: PatchModel, base_ids, base: RunCache, source: RunCache, rows,
         for layer in range(start):
             adapter.block(nn, layer).skip(skip_to)
         for layer in range(start, min(last + 1, n_layers)):
-            by_point = defaultdict(list)
+            by_point = defaultdict(lambda: ([], []))
+            for node, channel in patch_at[layer]:
+                by_point[adapter.point(_CHANNEL_SITE[channel], layer)][0].append((node, channel))
             for node, channel in heads_at[layer]:
-                by_point[adapter.point(_CHANNEL_SITE[channel], layer)].append((node, channel))
+                by_point[adapter.point(_CHANNEL_SITE[channel], layer)][1].append((node, channel))
             for point in sorted(by_point, key=lambda p: p.sort_key):
-                raw = adapter.module(nn, point).output
-                for node, channel in by_point[point]:
+                module = adapter.module(nn, point)
+                patches, reads = by_point[point]
+                raw = _patched(adapter, layout, module.output, patches, previous) if patches else module.output
+                if patches:
+                    module.output = raw
+                for node, channel in reads:
                     store[(node, channel)] = adapter.view(_CHANNEL_SITE[channel], raw, layout)[:, :, node.head].clone()
             o_proj = adapter.module(nn, adapter.point(Site.HEAD, layer))
-            frozen = torch.where(head_mask[:, layer, None, :, None], rep(source.acts[(Site.HEAD, layer)]),
-                                 rep(base.acts[(Site.HEAD, layer)]))
+            z_base = rep(base.acts[(Site.HEAD, layer)])
+            if live[layer].any():
+                z_base = torch.where(live[layer, None, None, :, None].to(model.device),
+                                     adapter.view(Site.HEAD, o_proj.input, layout), z_base)
+            frozen = torch.where(head_mask[:, layer, None, :, None], rep(source.acts[(Site.HEAD, layer)]), z_base)
             o_proj.input = frozen.reshape(o_proj.input.shape)
             if layer in mlps_at:
                 store[(Node(NodeKind.MLP, layer), Channel.IN)] = adapter.module(nn, adapter.mlp_in_point(layer)).input.clone()
@@ -155,6 +190,17 @@ def _record(model: PatchModel, base_ids, base: RunCache, source: RunCache, rows,
         if last >= n_layers:
             store[LOGITS] = adapter.final_norm_module(nn).input.clone()
     return store
+
+
+def _patched(adapter, layout, raw, receivers, recorded):
+    """`raw` projection output with each receiver head's slice replaced by its recorded input."""
+    new = raw
+    for node, channel in receivers:
+        site = _CHANNEL_SITE[channel]
+        view = adapter.view(site, new, layout).clone()
+        view[:, :, node.head] = recorded[(node, channel)]
+        new = adapter.unview(site, new, view, layout)
+    return new
 
 
 def _replay(model: PatchModel, base_ids, base: RunCache, recorded: dict, n_rows: int, first: int) -> torch.Tensor:
@@ -173,13 +219,7 @@ def _replay(model: PatchModel, base_ids, base: RunCache, recorded: dict, n_rows:
                 by_point[adapter.point(_CHANNEL_SITE[channel], layer)].append((node, channel))
             for point in sorted(by_point, key=lambda p: p.sort_key):
                 module = adapter.module(nn, point)
-                new = module.output
-                for node, channel in by_point[point]:
-                    site = _CHANNEL_SITE[channel]
-                    view = adapter.view(site, new, layout).clone()
-                    view[:, :, node.head] = recorded[(node, channel)]
-                    new = adapter.unview(site, new, view, layout)
-                module.output = new
+                module.output = _patched(adapter, layout, module.output, by_point[point], recorded)
             if layer in mlps_at:
                 adapter.module(nn, adapter.mlp_in_point(layer)).input = recorded[(Node(NodeKind.MLP, layer), Channel.IN)]
         if LOGITS in recorded:

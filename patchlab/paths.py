@@ -33,7 +33,7 @@ __all__ = ["path_patch_heads"]
 
 def path_patch_heads(model: PatchModel, dataset: PromptPairDataset, *,
                      receivers: str | Sequence[Node] = "logits", channels: Iterable[str | Channel] = ("q", "k", "v"),
-                     freeze_mlps: bool = False, metric: Metric | str = Metric.LOGIT_DIFF,
+                     via: Sequence[tuple[Node, str | Channel]] = (), freeze_mlps: bool = False, metric: Metric | str = Metric.LOGIT_DIFF,
                      direction: Direction | str = Direction.NOISING, seed: int | None = None,
                      progress: bool = True, memory_mb: float = 1024) -> xr.Dataset:
     """Path patching from every head (one sender per row) to a set of receivers.
@@ -45,6 +45,11 @@ def path_patch_heads(model: PatchModel, dataset: PromptPairDataset, *,
             each receiver's group (shared by the group's query heads).
         channels: with head receivers, the input channels to sweep, each one a
             separate receiver set (all receivers' q, then all their k, ...).
+        via: an intermediate hop for multi-hop paths, sender -> via -> receivers:
+            (head node, channel) pairs, e.g. the S-inhibition heads' q; k/v on
+            grouped-query models take key/value-head nodes. The hop's inputs are
+            recorded with the senders patched, then patched in with only the hop's
+            heads live and every other head frozen.
         freeze_mlps: freeze MLPs to their clean values too (default: recompute).
         metric, direction, seed: as in `patchlab.patch_layer_pos`.
 
@@ -75,7 +80,9 @@ def path_patch_heads(model: PatchModel, dataset: PromptPairDataset, *,
             sets[channel.value] = list(dict.fromkeys(
                 (n if channel is Channel.Q else Node(kv, n.layer, n.head // group), channel) for n in receivers))
         labels, channel_dim = ",".join(n.label for n in receivers), True
-    first = min((n.layer if n.kind is not NodeKind.LOGITS else lay.n_layers) for rs in sets.values() for n, _ in rs)
+    via = [(node, Channel(channel)) for node, channel in via]
+    first = min((n.layer if n.kind is not NodeKind.LOGITS else lay.n_layers)
+                for n, _ in via or [r for rs in sets.values() for r in rs])
     senders = [Node(NodeKind.HEAD, layer, h) for layer in range(min(first, lay.n_layers)) for h in range(lay.n_heads)]
 
     metric, direction = get_metric(metric), Direction(direction)
@@ -88,7 +95,8 @@ def path_patch_heads(model: PatchModel, dataset: PromptPairDataset, *,
     grid = torch.full((len(sets), lay.n_layers, lay.n_heads, tokens.n_prompts), float("nan"))
     values = path_patch_rows(model, base_ids=base_ids, base=base, source=source, rows=[(s,) for s in senders],
                              receiver_sets=list(sets.values()), metric=metric, targets=targets,
-                             freeze_mlps=freeze_mlps, memory_mb=memory_mb, progress=progress)
+                             hops=[via] if via else [], freeze_mlps=freeze_mlps, memory_mb=memory_mb,
+                             progress=progress)
     grid[:, :first] = values.reshape(len(sets), first, lay.n_heads, -1)
     baselines = {"metric": metric, "direction": direction,
                  "clean": metric(clean.logits, targets).cpu(), "corrupted": metric(corrupted.logits, targets).cpu()}
@@ -97,4 +105,5 @@ def path_patch_heads(model: PatchModel, dataset: PromptPairDataset, *,
     if channel_dim:
         dims, coords = ("channel",) + dims, {"channel": np.asarray(list(sets), dtype=str), **coords}
     return result_dataset(model, dataset, tokens, baselines, patched, dims, coords, "path", seed,
-                          receivers=labels, freeze_mlps=int(freeze_mlps), method="path patching (Wang et al. 2022)")
+                          receivers=labels, via=",".join(f"{n.label}.{c.value}" for n, c in via),
+                          freeze_mlps=int(freeze_mlps), method="path patching (Wang et al. 2022)")

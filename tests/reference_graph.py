@@ -48,6 +48,7 @@ __all__ = [
     "reference_contributions",
     "reference_edge_patched_logits",
     "reference_path_patched_logits",
+    "reference_multihop_path_patched_logits",
 ]
 
 Node = tuple
@@ -387,6 +388,142 @@ def reference_path_patched_logits(
     final = []
     for node, channel in receivers:
         value = recorded[site_of(node, channel)]
+        if node[0] == "head":
+            final.append(RefPatch(channel, node[1], node[2], None, value))
+        elif node[0] == "mlp":
+            with torch.no_grad():
+                final.append(RefPatch("mlp_out", node[1], None, None, _mlp_branch(model, node[1], value)))
+        else:
+            final.append(RefPatch("resid_post", n_layers - 1, None, None, value))
+    return reference_patched_logits(model, base_ids, final)
+
+
+# --------------------------------------------------------------------------- multi-hop path patching
+
+
+def _receiver_site(model: nn.Module, node: Node, channel: str) -> tuple[str, int]:
+    """The ``(site, layer)`` of tests/reference.py holding the input a receiver channel reads."""
+    if node[0] == "head":
+        return channel, node[1]
+    if node[0] == "mlp":
+        return ("resid_pre" if is_parallel(model) else "resid_mid"), node[1]
+    return "resid_post", _n_layers(model) - 1
+
+
+def reference_multihop_path_patched_logits(
+    model: nn.Module,
+    base_ids: torch.LongTensor,
+    source_ids: torch.LongTensor,
+    senders: list[tuple],
+    hops: list[list[tuple[tuple, str]]],
+    receivers: list[tuple[tuple, str]] | str,
+    *,
+    freeze_mlps: bool = False,
+) -> torch.Tensor:
+    """Multi-hop path patching (Wang et al. 2022, arXiv 2211.00593): final-position logits ``[b, vocab]``.
+
+    The path ``senders -> hops[0] -> ... -> hops[-1] -> receivers``; each hop is a list of
+    head channels ``(("head", L, h), "q" | "k" | "v")`` (for k/v on grouped-query models
+    ``h`` is the key/value head). Every head's ``z`` and MLP branch output is cached in the
+    base and source runs, then:
+
+    1. Base input; senders at their source value (head ``z`` slice / MLP branch output);
+       every other head's ``z`` frozen at base; MLPs recomputed, or with ``freeze_mlps``
+       frozen at base (a sender MLP keeping its source value). Record the inputs of
+       ``hops[0]``: each head's q/k/v projection output slice.
+    2. For each later hop, and once more for the receivers: base input; the previous hop's
+       recorded inputs patched in; the previous hop's heads compute their ``z`` from them
+       (a k/v channel frees every query head of its key/value group); every other head's
+       ``z`` frozen at base, senders included; MLPs recomputed, or with ``freeze_mlps``
+       frozen at base (senders included: the sender's effect travels only through the
+       recorded hop inputs). Record the next hop's inputs, or the receivers' inputs as in
+       `reference_path_patched_logits` (projection slice, the residual an MLP's pre-norm
+       reads, the last block's output for "logits").
+    3. Base input with only the receivers' recorded inputs patched in (an MLP receiver's
+       branch recomputed from its recorded residual); return the logits.
+
+    With ``hops=[]`` this is `reference_path_patched_logits`.
+
+    Raises:
+        ValueError: a malformed sender, hop channel (heads and q/k/v only) or receiver;
+            an empty hop; a hop head not strictly after every sender or every head of the
+            previous hop ("must come after"); a receiver the last hop (or, without hops,
+            a sender) does not feed; or ``base_ids`` and ``source_ids`` of different shapes.
+    """
+    if base_ids.shape != source_ids.shape:
+        raise ValueError(f"base shape {tuple(base_ids.shape)} != source shape {tuple(source_ids.shape)}")
+    if isinstance(receivers, str) and receivers != "logits":
+        raise ValueError(f"receivers must be 'logits' or a list of (node, channel), got {receivers!r}")
+    receivers = [(LOGITS, "in")] if receivers == "logits" else list(receivers)
+    hops = [list(hop) for hop in hops]
+    for node in senders:
+        _check_sender(model, node, embed=False)
+    for i, hop in enumerate(hops, 1):
+        if not hop:
+            raise ValueError(f"hop {i} is empty")
+        for node, channel in hop:
+            if not (isinstance(node, tuple) and len(node) == 3 and node[0] == "head"):
+                raise ValueError(f"hop {i}: a hop holds head channels ((\"head\", L, h), q|k|v), got {node!r}")
+            _check_receiver(model, node, channel)
+    for node, channel in receivers:
+        _check_receiver(model, node, channel)
+    previous, what = list(senders), "senders"
+    for i, hop in enumerate(hops, 1):
+        for node, _ in hop:
+            for p in previous:
+                if not feeds(model, p, node):
+                    raise ValueError(f"hop {i} must come after the {what}: {p!r} does not feed {node!r}")
+        previous, what = [node for node, _ in hop], f"hop {i}"
+    for node, _ in receivers:
+        for p in previous:
+            if not feeds(model, p, node):
+                raise ValueError(f"receivers must come after {what}: {p!r} does not feed {node!r}")
+
+    n_layers = _n_layers(model)
+    n_heads, n_kv, _ = _dims(model)
+    group = n_heads // n_kv
+    sites = [(site, layer) for layer in range(n_layers) for site in ("head", "mlp_out")]
+    base = reference_cache(model, base_ids, sites)
+    source = reference_cache(model, source_ids, sites)
+
+    def node_patches(first: bool, free: set[tuple[int, int]]) -> list[RefPatch]:
+        """Head z frozen (senders at source in the first pass; heads in ``free`` left to
+        compute), MLPs frozen or left to recompute."""
+        out = []
+        for layer in range(n_layers):
+            z = base[("head", layer)].clone()
+            if first:
+                for s in senders:
+                    if s[0] == "head" and s[1] == layer:
+                        z[:, :, s[2]] = source[("head", layer)][:, :, s[2]]
+            keep = [h for h in range(n_heads) if (layer, h) not in free]
+            if len(keep) == n_heads:
+                out.append(RefPatch("head", layer, None, None, z))
+            else:
+                out += [RefPatch("head", layer, h, None, z) for h in keep]
+            if first and ("mlp", layer) in senders:
+                out.append(RefPatch("mlp_out", layer, None, None, source[("mlp_out", layer)]))
+            elif freeze_mlps:
+                out.append(RefPatch("mlp_out", layer, None, None, base[("mlp_out", layer)]))
+        return out
+
+    def read_sites(channels: list[tuple[Node, str]]) -> list[tuple[str, int]]:
+        return sorted({_receiver_site(model, n, c) for n, c in channels}, key=lambda s: (s[1], s[0]))
+
+    # Pass 1: senders patched; record hop 1 (or the receivers).
+    stages = hops + [receivers]
+    recorded = reference_cache(model, base_ids, read_sites(stages[0]), patches=node_patches(True, set()))
+    # Passes 2..k+1: the previous hop's inputs patched in, its heads free.
+    for hop, nxt in zip(stages[:-1], stages[1:]):
+        patches, free = [], set()
+        for (_, layer, h), channel in hop:
+            patches.append(RefPatch(channel, layer, h, None, recorded[(channel, layer)]))
+            free |= {(layer, h)} if channel == "q" else {(layer, g) for g in range(h * group, (h + 1) * group)}
+        recorded = reference_cache(model, base_ids, read_sites(nxt), patches=patches + node_patches(False, free))
+
+    final = []
+    for node, channel in receivers:
+        value = recorded[_receiver_site(model, node, channel)]
         if node[0] == "head":
             final.append(RefPatch(channel, node[1], node[2], None, value))
         elif node[0] == "mlp":

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -126,3 +128,18 @@ def test_path_results_round_trip_through_netcdf(tmp_path):
     ds.to_netcdf(tmp_path / "p.nc", engine="netcdf4")
     with xr.open_dataset(tmp_path / "p.nc", engine="netcdf4") as back:
         xr.testing.assert_identical(back.load(), ds)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "qwen2", "gemma3"])
+def test_every_edge_into_a_channel_equals_patching_that_input(family):
+    hf = tiny_model(family)
+    model = pl.load_model(hf, tokenizer=tiny_tokenizer(hf.config.vocab_size))
+    dataset = random_pairs(hf.config.vocab_size)
+    graph = Graph.from_model(model)
+    kv = NodeKind.KV_HEAD if graph.gqa else NodeKind.HEAD
+    for node, channel, site in [(Node(NodeKind.HEAD, 2, 1), Channel.Q, "q"), (Node(kv, 1, 1), Channel.K, "k")]:
+        edges = [Edge(s, node, channel) for s in graph.senders_into(node)]
+        by_edges = patch_edges(model, dataset, [edges], progress=False)
+        by_node = pl.patch_components(model, dataset, [pl.Component(site=site, layer=node.layer, head=node.head)],
+                                      direction="noising", progress=False)
+        assert np.allclose(by_edges.patched.values, by_node.patched.values, atol=TOL, rtol=0), site

@@ -67,3 +67,27 @@ def test_bad_receivers_are_refused(setup):
         path_patch_heads(model, dataset, receivers="resid", progress=False)
     with pytest.raises(ValueError, match="channels q, k and v"):
         path_patch_heads(model, dataset, receivers=[Node(NodeKind.HEAD, 1, 0)], channels=["in"], progress=False)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma2", "gpt_neox"])
+@pytest.mark.parametrize("channel", ["q", "v"])
+def test_multihop_sender_via_a_head_to_logits(family, channel):
+    from .reference_graph import reference_multihop_path_patched_logits
+
+    hf = tiny_model(family)
+    model = pl.load_model(hf, tokenizer=tiny_tokenizer(hf.config.vocab_size))
+    dataset = random_pairs(hf.config.vocab_size)
+    tokens = dataset.tokenize(model.tokenizer)
+    kv = NodeKind.KV_HEAD if model.layout.n_kv_heads != model.layout.n_heads else NodeKind.HEAD
+    via_node = Node(NodeKind.HEAD, 1, 2) if channel == "q" else Node(kv, 1, 1)
+    ds = path_patch_heads(model, dataset, via=[(via_node, channel)], progress=False)
+    assert ds.attrs["via"] == f"{via_node.label}.{channel}"
+    assert np.isnan(ds.patched.sel(layer=[1, 2]).values).all()
+    targets = Targets(correct=tokens.correct_ids, incorrect=tokens.incorrect_ids)
+    for head in range(model.layout.n_heads):
+        logits = reference_multihop_path_patched_logits(
+            hf, tokens.clean_ids, tokens.corrupted_ids, [("head", 0, head)],
+            [[(("head", 1, via_node.head), channel)]], "logits")
+        expected = Metric.LOGIT_DIFF(logits, targets).double()
+        got = torch.from_numpy(ds.patched.sel(layer=0, head=head).values)
+        assert torch.allclose(got, expected, atol=TOL, rtol=0), (head, (got - expected).abs().max())

@@ -20,14 +20,14 @@ if __package__:
     from .reference import RefPatch, is_parallel, reference_cache, reference_patched_logits
     from .reference_graph import (
         RefEdge, edges_into, feeds, graph_receivers, graph_senders, reference_contributions,
-        reference_edge_patched_logits, reference_path_patched_logits,
+        reference_edge_patched_logits, reference_multihop_path_patched_logits, reference_path_patched_logits,
     )
     from .tiny_models import ALL_FAMILIES, N_HEADS, N_KV_HEADS, N_LAYERS, VOCAB_SIZE, tiny_model
 else:
     from reference import RefPatch, is_parallel, reference_cache, reference_patched_logits
     from reference_graph import (
         RefEdge, edges_into, feeds, graph_receivers, graph_senders, reference_contributions,
-        reference_edge_patched_logits, reference_path_patched_logits,
+        reference_edge_patched_logits, reference_multihop_path_patched_logits, reference_path_patched_logits,
     )
     from tiny_models import ALL_FAMILIES, N_HEADS, N_KV_HEADS, N_LAYERS, VOCAB_SIZE, tiny_model
 
@@ -356,3 +356,86 @@ def test_path_receivers_must_come_after_senders(fam):
         reference_path_patched_logits(m, BASE, SOURCE, [("embed",)], "logits")
     with pytest.raises(ValueError):
         reference_path_patched_logits(m, BASE, SOURCE, [("head", 0, 0)], "resid")
+
+
+# --------------------------------------------------------------------------- multi-hop path patching
+
+HOP_FAMILIES = pytest.mark.parametrize("fam", ["gpt2", "gpt_neox", "llama", "gemma2"])
+
+
+@HOP_FAMILIES
+def test_multihop_with_no_hops_is_single_hop_path_patching(fam):
+    m = model(fam)
+    cases = [
+        ([("head", 0, 1)], "logits"),
+        ([("head", 0, 2), ("mlp", 0)], [(("head", 2, 1), "q"), (("head", 1, 1), "k"), (("mlp", 1), "in")]),
+        ([("mlp", 0), ("head", 1, 3)], [(("head", 2, 0), "v"), (LOGITS, "in")]),
+    ]
+    for senders, receivers in cases:
+        for freeze in (False, True):
+            want = reference_path_patched_logits(m, BASE, SOURCE, senders, receivers, freeze_mlps=freeze)
+            got = reference_multihop_path_patched_logits(m, BASE, SOURCE, senders, [], receivers, freeze_mlps=freeze)
+            assert torch.equal(got, want)
+
+
+def _chain_expected(m, sender_head: int, chain: list[tuple[int, int, str]]) -> torch.Tensor:
+    """Head (0, sender_head) -> chain of single-head hops (layer, head, channel) -> logits with
+    frozen MLPs, by node patches alone: each hop's input is read in a run with the previous
+    patch (and every MLP at base); the last hop's head then changes the final residual only by
+    the change of its layer's attention branch (everything after it frozen)."""
+    sites = [("mlp_out", L) for L in range(N_LAYERS)] + [("head", 0), ("resid_post", LAST)]
+    base, src = reference_cache(m, BASE, sites), reference_cache(m, SOURCE, [("head", 0)])
+    mlps = [RefPatch("mlp_out", L, None, None, base[("mlp_out", L)]) for L in range(N_LAYERS)]
+    patch = RefPatch("head", 0, sender_head, None, src[("head", 0)])
+    for layer, head, channel in chain:
+        value = reference_cache(m, BASE, [(channel, layer)], patches=[patch] + mlps)[(channel, layer)]
+        patch = RefPatch(channel, layer, head, None, value)
+    layer = chain[-1][0]
+    changed = reference_cache(m, BASE, [("attn_out", layer)], patches=[patch])[("attn_out", layer)]
+    plain = reference_cache(m, BASE, [("attn_out", layer)])[("attn_out", layer)]
+    assert_differs(changed, plain, by=1e-6)
+    resid = base[("resid_post", LAST)] + (changed - plain)
+    return reference_patched_logits(m, BASE, [RefPatch("resid_post", LAST, None, None, resid)])
+
+
+@HOP_FAMILIES
+@pytest.mark.parametrize("channel", ["q", "k", "v"])
+def test_multihop_frozen_mlps_closed_form(fam, channel):
+    """sender -> hop(s) -> logits with frozen MLPs equals the chain of node patches: pins the
+    hop's recorded input, that the hop head (k/v: every query head of its group) computes
+    freely in the next pass, and that every other head and every MLP stays at base."""
+    m = model(fam)
+    hop1 = (1, 1, channel)  # k/v on GQA: key/value head 1 = query heads 2, 3
+    for chain in ([hop1], [hop1, (2, 0, "q")]):
+        hops = [[(("head", L, h), c)] for L, h, c in chain]
+        got = reference_multihop_path_patched_logits(m, BASE, SOURCE, [("head", 0, 1)], hops, "logits", freeze_mlps=True)
+        torch.testing.assert_close(got, _chain_expected(m, 1, chain), **CLOSE)
+        assert_differs(got, logits(m, BASE), by=1e-6)
+    # Recomputed MLPs carry the hop head's change further: a different quantity.
+    free = reference_multihop_path_patched_logits(m, BASE, SOURCE, [("head", 0, 1)], [[(("head", 1, 1), channel)]], "logits")
+    assert_differs(free, got, by=1e-6)
+
+
+@HOP_FAMILIES
+def test_multihop_order_is_validated(fam):
+    m = model(fam)
+    s = [("head", 0, 1)]
+    q = lambda L, h=0: (("head", L, h), "q")  # noqa: E731
+    call = lambda senders, hops, receivers="logits": reference_multihop_path_patched_logits(  # noqa: E731
+        m, BASE, SOURCE, senders, hops, receivers)
+    for senders, hops, receivers in [
+        (s, [[q(0)]], "logits"),  # hop in the sender's layer
+        ([("mlp", 1)], [[q(1)]], "logits"),
+        (s, [[q(1)], [q(1, 2)]], "logits"),  # second hop in the first hop's layer
+        (s, [[q(2)], [q(1)]], "logits"),  # backwards
+        (s, [[q(1), q(2)], [q(2, 1)]], "logits"),  # one head of hop 1 is not before hop 2
+        (s, [[q(2)]], [q(1)]),  # receiver before the hop
+        (s, [[q(2)]], [q(2, 1)]),  # receiver in the hop's layer
+    ]:
+        with pytest.raises(ValueError, match="must come after"):
+            call(senders, hops, receivers)
+    for hops in ([[]], [[(("mlp", 1), "in")]], [[(("head", 1, 0), "in")]], [[(("head", 1, N_HEADS), "q")]]):
+        with pytest.raises(ValueError):
+            call(s, hops)
+    call(s, [[q(1), (("head", 1, n_kv(fam) - 1), "v")]], [(("head", 2, n_kv(fam) - 1), "k"), (LOGITS, "in")])
+    call(s, [[q(1)], [q(2)]], "logits")
