@@ -14,12 +14,12 @@ config, a manifest and a log.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import sys
 
 import patchlab as pl
+from patchlab.experiment import config_from_args
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -75,14 +75,6 @@ def main(config: Config) -> None:
           f"results in {run.path}")
 
 
-def parse_args(argv: list[str] | None = None) -> Config:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for field in dataclasses.fields(Config):
-        parser.add_argument("--" + field.name.replace("_", "-"), type=type(field.default),
-                            default=field.default, help=f"(default: {field.default})")
-    return Config(**vars(parser.parse_args(argv)))
-
-
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
-    main(parse_args())
+    main(config_from_args(Config, description=__doc__.split("\n\n")[0]))

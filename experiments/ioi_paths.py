@@ -11,7 +11,6 @@ Writes ``results/ioi_paths/<run-id>/`` like experiments/ioi.py.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import sys
@@ -19,6 +18,7 @@ import sys
 import numpy as np
 
 import patchlab as pl
+from patchlab.experiment import config_from_args
 from patchlab.graph import Node, NodeKind
 from patchlab.graph_plots import plot_channels, plot_path_graph
 from patchlab.paths import path_patch_heads
@@ -67,13 +67,6 @@ def main(config: Config) -> None:
     print(f"receivers {[n.label for n in top]}; results in {run.path}")
 
 
-def parse_args(argv: list[str] | None = None) -> Config:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for field in dataclasses.fields(Config):
-        parser.add_argument("--" + field.name.replace("_", "-"), type=type(field.default), default=field.default)
-    return Config(**vars(parser.parse_args(argv)))
-
-
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
-    main(parse_args())
+    main(config_from_args(Config, description=__doc__.split("\n\n")[0]))

@@ -24,7 +24,7 @@ from ._io import atomic_path, atomic_write_text
 from ._io import file_sha256
 from .provenance import git_commit, machine, now_iso, versions
 
-__all__ = ["ExperimentRun"]
+__all__ = ["ExperimentRun", "config_from_args"]
 
 log = logging.getLogger("patchlab")
 
@@ -183,6 +183,18 @@ class ExperimentRun:
             self.files.append(path)
         log.info("wrote %s", path.name)
         return path
+
+
+def config_from_args(config_cls, argv: Sequence[str] | None = None, *, description: str = ""):
+    """Build a config dataclass from command-line flags: one ``--field-name`` per field,
+    typed and defaulted from the class (for thin experiment scripts)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    for field in dataclasses.fields(config_cls):
+        parser.add_argument("--" + field.name.replace("_", "-"), type=type(field.default), default=field.default,
+                            help=f"(default: {field.default})")
+    return config_cls(**vars(parser.parse_args(argv)))
 
 
 def _plain(value: Any) -> Any:

@@ -257,3 +257,19 @@ def test_atomic_write_text_keeps_the_old_file_when_replace_fails(tmp_path, monke
         atomic_write_text(target, "new\n")
     monkeypatch.undo()
     assert target.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["t.txt"]
+
+
+def test_config_from_args():
+    import dataclasses
+
+    from patchlab.experiment import config_from_args
+
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Config:
+        n_prompts: int = 8
+        order: str = "ABBA"
+
+    assert config_from_args(Config, []) == Config()
+    assert config_from_args(Config, ["--n-prompts", "3", "--order", "BABA"]) == Config(n_prompts=3, order="BABA")
+    with pytest.raises(SystemExit):
+        config_from_args(Config, ["--n-prompts", "three"])
