@@ -21,7 +21,7 @@ import time
 import torch
 
 import patchlab as pl
-import patchlab.paths
+import patchlab.patching
 from patchlab.graph import Node, NodeKind
 from patchlab.paths import path_patch_heads
 
@@ -38,8 +38,8 @@ def bench(model: pl.PatchModel, dataset: pl.PromptPairDataset) -> None:
             model.hf(tokens.clean_ids)
         forward = (time.perf_counter() - start) / 5
     calls = []
-    original = patchlab.paths.cache_runs
-    patchlab.paths.cache_runs = lambda *a, **k: calls.append(1) or original(*a, **k)
+    original = patchlab.patching.cache_runs
+    patchlab.patching.cache_runs = lambda *a, **k: calls.append(1) or original(*a, **k)
     try:
         start = time.perf_counter()
         path_patch_heads(model, dataset, receivers="logits", progress=False)
@@ -49,7 +49,7 @@ def bench(model: pl.PatchModel, dataset: pl.PromptPairDataset) -> None:
         path_patch_heads(model, dataset, receivers=receivers, progress=False)
         t_qkv = time.perf_counter() - start
     finally:
-        patchlab.paths.cache_runs = original
+        patchlab.patching.cache_runs = original
     pairs_logits = lay.n_layers * lay.n_heads
     pairs_qkv = 3 * (lay.n_layers - 2) * lay.n_heads  # senders before the receivers, x 3 channels
     print(f"\n{model.model_id}: {tokens.n_prompts} prompts x {tokens.n_pos} tokens, {torch.get_num_threads()} threads; "

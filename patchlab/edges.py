@@ -18,16 +18,14 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch
 import xarray as xr
 
 from .data import PromptPairDataset
 from .graph import Channel, Edge, Graph, Node
 from .graph_runner import edge_patch_rows, graph_cache_sites
-from .metrics import Direction, Metric, Targets, get_metric
+from .metrics import Direction, Metric
 from .models import PatchModel
-from .patching import result_dataset, tokenize_for
-from .runner import cache_runs
+from .patching import prepare_runs, result_dataset, tokenize_for
 
 __all__ = ["patch_edges", "patch_senders_into"]
 
@@ -78,16 +76,9 @@ def patch_senders_into(model: PatchModel, dataset: PromptPairDataset, receiver: 
 
 
 def _run_edges(model, dataset, edge_sets, metric, direction, progress, memory_mb):
-    metric, direction = get_metric(metric), Direction(direction)
     tokens = tokenize_for(model, dataset)
-    graph = Graph.from_model(model)
-    clean, corrupted = cache_runs(model, [tokens.clean_ids, tokens.corrupted_ids], graph_cache_sites(model))
-    targets = Targets(correct=tokens.correct_ids, incorrect=tokens.incorrect_ids,
-                      clean_logprobs=torch.log_softmax(clean.logits.float(), dim=-1))
-    base_ids, base_cache, source = ((tokens.clean_ids, clean, corrupted) if direction is Direction.NOISING
-                                    else (tokens.corrupted_ids, corrupted, clean))
-    values = edge_patch_rows(model, graph, base_ids=base_ids, base=base_cache, source=source, rows=edge_sets, metric=metric,
-                             targets=targets, memory_mb=memory_mb, progress=progress)
-    base = {"metric": metric, "direction": direction,
-            "clean": metric(clean.logits, targets).cpu(), "corrupted": metric(corrupted.logits, targets).cpu()}
-    return values, base, tokens
+    runs = prepare_runs(model, tokens, graph_cache_sites(model), metric, direction)
+    values = edge_patch_rows(model, Graph.from_model(model), base_ids=runs.base_ids, base=runs.base,
+                             source=runs.source, rows=edge_sets, metric=runs.metric, targets=runs.targets,
+                             memory_mb=memory_mb, progress=progress)
+    return values, runs.baselines, tokens

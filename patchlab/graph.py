@@ -26,6 +26,8 @@ import functools
 from dataclasses import dataclass
 from typing import Iterator
 
+from .components import Site
+
 __all__ = ["NodeKind", "Channel", "Node", "Edge", "Graph"]
 
 
@@ -52,6 +54,11 @@ class Channel(enum.Enum):
     V = "v"
     IN = "in"
     """The single input of an MLP or of the logits."""
+
+    @property
+    def site(self) -> Site | None:
+        """The head input site this channel reads (q, k, v), None for "in"."""
+        return None if self is Channel.IN else Site(self.value)
 
 
 _KIND_ORDER = {NodeKind.EMBED: 0, NodeKind.KV_HEAD: 1, NodeKind.HEAD: 2, NodeKind.MLP: 3, NodeKind.LOGITS: 4}

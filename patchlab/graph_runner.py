@@ -38,7 +38,6 @@ from .runner import RunCache, chunk_rows, rows_per_chunk, skip_value
 
 __all__ = ["graph_cache_sites", "head_contributions", "edge_patch_rows"]
 
-_CHANNEL_SITE = {Channel.Q: Site.Q, Channel.K: Site.K, Channel.V: Site.V}
 
 
 def graph_cache_sites(model: PatchModel) -> set[tuple[Site, int]]:
@@ -203,14 +202,14 @@ def _patch_head_inputs(model: PatchModel, layer: int, resid, receivers, plans, d
     norm = adapter.attn_norm_module(hf, layer)
     by_point = defaultdict(list)
     for node, channel in receivers:
-        by_point[adapter.point(_CHANNEL_SITE[channel], layer)].append((node, channel))
+        by_point[adapter.point(channel.site, layer)].append((node, channel))
     for point in sorted(by_point, key=lambda p: p.sort_key):
         proj_env = adapter.module(nn, point)
         proj = adapter.module(hf, point)
         raw = proj_env.output
         new = raw
         for node, channel in by_point[point]:
-            site, plan = _CHANNEL_SITE[channel], plans[(node, channel)]
+            site, plan = channel.site, plans[(node, channel)]
             # type(m).forward(m, x) calls the module without nnsight's hooks: a side computation.
             recomputed = type(proj).forward(proj, type(norm).forward(norm, resid + delta[(node, channel)]))
             view = adapter.view(site, new, layout).clone()

@@ -20,6 +20,7 @@ dims ``layer``, ``head``, ``pos``, ``prompt`` and ``component`` and carry:
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -32,7 +33,7 @@ from .data import PromptPairDataset, TokenizedPairs
 from .metrics import Direction, Metric, Targets, get_metric, normalised_score, score_formula
 from .models import PatchModel
 from .provenance import provenance_attrs
-from .runner import cache_runs, patch_rows
+from .runner import RunCache, cache_runs, patch_rows
 
 __all__ = ["patch_components", "patch_layer_pos", "patch_heads"]
 
@@ -167,22 +168,45 @@ def _check_component(model: PatchModel, tokens: TokenizedPairs, c: Component) ->
                          "patch attn_out or mlp_out instead")
 
 
-def _run(model: PatchModel, tokens: TokenizedPairs, grid: list[Component], metric, direction,
-         progress: bool, memory_mb: float):
+@dataclass(frozen=True)
+class Runs:
+    """What every sweep needs once: the base and source runs and their caches, the
+    metric's targets and the clean/corrupted baselines (``[prompt]``)."""
+
+    metric: Metric
+    direction: Direction
+    targets: Targets
+    base_ids: torch.Tensor
+    base: RunCache
+    source: RunCache
+    baselines: dict
+
+
+def prepare_runs(model: PatchModel, tokens: TokenizedPairs, sites, metric: Metric | str,
+                 direction: Direction | str) -> Runs:
+    """Cache the clean and corrupted runs once (one forward pass) at `sites` and pick
+    the base run (patched into) and the source run by direction: denoising patches
+    clean values into the corrupted run, noising corrupted values into the clean run."""
     metric, direction = get_metric(metric), Direction(direction)
-    for c in {(c.site, c.layer): c for c in grid}.values():
-        _check_component(model, tokens, c)
-    sites = {(Site.RESID_PRE, layer) for layer in range(model.layout.n_layers)} | {(c.site, c.layer) for c in grid}
     clean, corrupted = cache_runs(model, [tokens.clean_ids, tokens.corrupted_ids], sites)
     targets = Targets(correct=tokens.correct_ids, incorrect=tokens.incorrect_ids,
                       clean_logprobs=torch.log_softmax(clean.logits.float(), dim=-1))
     base_ids, base, source = ((tokens.corrupted_ids, corrupted, clean) if direction is Direction.DENOISING
                               else (tokens.clean_ids, clean, corrupted))
-    values = patch_rows(model, base_ids=base_ids, base=base, source=source, rows=[(c,) for c in grid],
-                        metric=metric, targets=targets, memory_mb=memory_mb, progress=progress)
     baselines = {"metric": metric, "direction": direction,
                  "clean": metric(clean.logits, targets).cpu(), "corrupted": metric(corrupted.logits, targets).cpu()}
-    return values, baselines
+    return Runs(metric, direction, targets, base_ids, base, source, baselines)
+
+
+def _run(model: PatchModel, tokens: TokenizedPairs, grid: list[Component], metric, direction,
+         progress: bool, memory_mb: float):
+    for c in {(c.site, c.layer): c for c in grid}.values():
+        _check_component(model, tokens, c)
+    sites = {(Site.RESID_PRE, layer) for layer in range(model.layout.n_layers)} | {(c.site, c.layer) for c in grid}
+    runs = prepare_runs(model, tokens, sites, metric, direction)
+    values = patch_rows(model, base_ids=runs.base_ids, base=runs.base, source=runs.source, rows=[(c,) for c in grid],
+                        metric=runs.metric, targets=runs.targets, memory_mb=memory_mb, progress=progress)
+    return values, runs.baselines
 
 
 def result_dataset(model: PatchModel, dataset: PromptPairDataset, tokens: TokenizedPairs, base: dict,

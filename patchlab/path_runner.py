@@ -34,7 +34,6 @@ from .runner import RunCache, chunk_rows, rows_per_chunk, skip_value
 
 __all__ = ["path_cache_sites", "path_patch_rows"]
 
-_CHANNEL_SITE = {Channel.Q: Site.Q, Channel.K: Site.K, Channel.V: Site.V}
 LOGITS = (Node(NodeKind.LOGITS), Channel.IN)
 
 
@@ -75,7 +74,7 @@ def path_patch_rows(model: PatchModel, *, base_ids: torch.Tensor, base: RunCache
     receivers = list(dict.fromkeys(r for rs in receiver_sets for r in rs))
     stages = hops + [receivers]
     for before, after in zip(stages, stages[1:]):
-        if any(c not in _CHANNEL_SITE for _, c in before) or \
+        if any(c.site is None for _, c in before) or \
                 max(n.layer for n, _ in before) >= min(_layer(model, n) for n, _ in after):
             raise ValueError("each hop must be head q/k/v inputs in layers before every receiver of the next stage")
     first_receiver = min(_layer(model, node) for node, _ in stages[0])
@@ -113,7 +112,7 @@ def _layer(model: PatchModel, node: Node) -> int:
 def _receivers_at(model, receivers):
     heads, mlps = defaultdict(list), set()
     for node, channel in receivers:
-        if channel in _CHANNEL_SITE:
+        if channel.site is not None:
             heads[node.layer].append((node, channel))
         elif node.kind is NodeKind.MLP:
             mlps.add(node.layer)
@@ -160,9 +159,9 @@ def _record(model: PatchModel, base_ids, base: RunCache, source: RunCache, rows,
         for layer in range(start, min(last + 1, n_layers)):
             by_point = defaultdict(lambda: ([], []))
             for node, channel in patch_at[layer]:
-                by_point[adapter.point(_CHANNEL_SITE[channel], layer)][0].append((node, channel))
+                by_point[adapter.point(channel.site, layer)][0].append((node, channel))
             for node, channel in heads_at[layer]:
-                by_point[adapter.point(_CHANNEL_SITE[channel], layer)][1].append((node, channel))
+                by_point[adapter.point(channel.site, layer)][1].append((node, channel))
             for point in sorted(by_point, key=lambda p: p.sort_key):
                 module = adapter.module(nn, point)
                 patches, reads = by_point[point]
@@ -170,7 +169,7 @@ def _record(model: PatchModel, base_ids, base: RunCache, source: RunCache, rows,
                 if patches:
                     module.output = raw
                 for node, channel in reads:
-                    store[(node, channel)] = adapter.view(_CHANNEL_SITE[channel], raw, layout)[:, :, node.head].clone()
+                    store[(node, channel)] = adapter.view(channel.site, raw, layout)[:, :, node.head].clone()
             o_proj = adapter.module(nn, adapter.point(Site.HEAD, layer))
             z_base = rep(base.acts[(Site.HEAD, layer)])
             if live[layer].any():
@@ -196,7 +195,7 @@ def _patched(adapter, layout, raw, receivers, recorded):
     """`raw` projection output with each receiver head's slice replaced by its recorded input."""
     new = raw
     for node, channel in receivers:
-        site = _CHANNEL_SITE[channel]
+        site = channel.site
         view = adapter.view(site, new, layout).clone()
         view[:, :, node.head] = recorded[(node, channel)]
         new = adapter.unview(site, new, view, layout)
@@ -216,7 +215,7 @@ def _replay(model: PatchModel, base_ids, base: RunCache, recorded: dict, n_rows:
         for layer in range(start, layout.n_layers):
             by_point = defaultdict(list)
             for node, channel in heads_at[layer]:
-                by_point[adapter.point(_CHANNEL_SITE[channel], layer)].append((node, channel))
+                by_point[adapter.point(channel.site, layer)].append((node, channel))
             for point in sorted(by_point, key=lambda p: p.sort_key):
                 module = adapter.module(nn, point)
                 module.output = _patched(adapter, layout, module.output, by_point[point], recorded)

@@ -22,11 +22,10 @@ import xarray as xr
 
 from .data import PromptPairDataset
 from .graph import Channel, Node, NodeKind
-from .metrics import Direction, Metric, Targets, get_metric
+from .metrics import Direction, Metric
 from .models import PatchModel
-from .patching import result_dataset, tokenize_for
+from .patching import prepare_runs, result_dataset, tokenize_for
 from .path_runner import path_cache_sites, path_patch_rows
-from .runner import cache_runs
 
 __all__ = ["path_patch_heads"]
 
@@ -85,25 +84,19 @@ def path_patch_heads(model: PatchModel, dataset: PromptPairDataset, *,
                 for n, _ in via or [r for rs in sets.values() for r in rs])
     senders = [Node(NodeKind.HEAD, layer, h) for layer in range(min(first, lay.n_layers)) for h in range(lay.n_heads)]
 
-    metric, direction = get_metric(metric), Direction(direction)
     tokens = tokenize_for(model, dataset)
-    clean, corrupted = cache_runs(model, [tokens.clean_ids, tokens.corrupted_ids], path_cache_sites(model))
-    targets = Targets(correct=tokens.correct_ids, incorrect=tokens.incorrect_ids,
-                      clean_logprobs=torch.log_softmax(clean.logits.float(), dim=-1))
-    base_ids, base, source = ((tokens.clean_ids, clean, corrupted) if direction is Direction.NOISING
-                              else (tokens.corrupted_ids, corrupted, clean))
+    runs = prepare_runs(model, tokens, path_cache_sites(model), metric, direction)
     grid = torch.full((len(sets), lay.n_layers, lay.n_heads, tokens.n_prompts), float("nan"))
-    values = path_patch_rows(model, base_ids=base_ids, base=base, source=source, rows=[(s,) for s in senders],
-                             receiver_sets=list(sets.values()), metric=metric, targets=targets,
+    values = path_patch_rows(model, base_ids=runs.base_ids, base=runs.base, source=runs.source,
+                             rows=[(s,) for s in senders], receiver_sets=list(sets.values()),
+                             metric=runs.metric, targets=runs.targets,
                              hops=[via] if via else [], freeze_mlps=freeze_mlps, memory_mb=memory_mb,
                              progress=progress)
     grid[:, :first] = values.reshape(len(sets), first, lay.n_heads, -1)
-    baselines = {"metric": metric, "direction": direction,
-                 "clean": metric(clean.logits, targets).cpu(), "corrupted": metric(corrupted.logits, targets).cpu()}
     dims, coords = ("layer", "head"), {"layer": list(range(lay.n_layers)), "head": list(range(lay.n_heads))}
     patched = grid if channel_dim else grid[0]
     if channel_dim:
         dims, coords = ("channel",) + dims, {"channel": np.asarray(list(sets), dtype=str), **coords}
-    return result_dataset(model, dataset, tokens, baselines, patched, dims, coords, "path", seed,
+    return result_dataset(model, dataset, tokens, runs.baselines, patched, dims, coords, "path", seed,
                           receivers=labels, via=",".join(f"{n.label}.{c.value}" for n, c in via),
                           freeze_mlps=int(freeze_mlps), method="path patching (Wang et al. 2022)")
