@@ -21,8 +21,10 @@ labels that serve as xarray coordinates ("L2H3->L9H6.q", "embed->logits@4").
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import functools
+import re
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -61,6 +63,8 @@ class Channel(enum.Enum):
         return None if self is Channel.IN else Site(self.value)
 
 
+_NODE_LABEL = re.compile(r"L(\d+)(\.mlp|H|KV)(\d+)?")
+_EDGE_LABEL = re.compile(r"([^-]+)->([^.@]+(?:\.mlp)?)(?:\.([qkv]))?(?:@(\d+))?")
 _KIND_ORDER = {NodeKind.EMBED: 0, NodeKind.KV_HEAD: 1, NodeKind.HEAD: 2, NodeKind.MLP: 3, NodeKind.LOGITS: 4}
 _CHANNEL_ORDER = {Channel.Q: 0, Channel.K: 1, Channel.V: 2, Channel.IN: 3}
 
@@ -92,6 +96,23 @@ class Node:
     def __repr__(self) -> str:
         return f"Node({self.label})"
 
+    @classmethod
+    def from_label(cls, label: str) -> "Node":
+        """The node with this label ("embed", "logits", "L3.mlp", "L9H6", "L9KV2").
+
+        Raises:
+            ValueError: a label that names no node.
+        """
+        if label in ("embed", "logits"):
+            return cls(NodeKind(label))
+        match = _NODE_LABEL.fullmatch(label)
+        if match is None:
+            raise ValueError(f"{label!r} is not a node label (expected embed, logits, L3.mlp, L9H6 or L9KV2)")
+        layer, kind, head = match.groups()
+        if kind == ".mlp":
+            return cls(NodeKind.MLP, int(layer))
+        return cls(NodeKind.HEAD if kind == "H" else NodeKind.KV_HEAD, int(layer), int(head))
+
 
 @dataclass(frozen=True)
 class Edge:
@@ -117,6 +138,27 @@ class Edge:
 
     def __repr__(self) -> str:
         return f"Edge({self.label})"
+
+    def with_pos(self, pos: int | None) -> "Edge":
+        """The same edge at position `pos` (None: all positions)."""
+        return dataclasses.replace(self, pos=pos)
+
+    @classmethod
+    def from_label(cls, label: str) -> "Edge":
+        """The edge with this label ("L2H3->L9H6.q", "embed->logits@4"); inverse of `label`.
+
+        Raises:
+            ValueError: a label that names no edge.
+        """
+        match = _EDGE_LABEL.fullmatch(label)
+        if match is None:
+            raise ValueError(f"{label!r} is not an edge label (expected e.g. L2H3->L9H6.q or embed->logits@4)")
+        sender, receiver, channel, pos = match.groups()
+        receiver = Node.from_label(receiver)
+        if (channel is None) != (receiver.kind in (NodeKind.MLP, NodeKind.LOGITS)):
+            raise ValueError(f"{label!r}: heads receive through .q/.k/.v, MLPs and logits through no channel suffix")
+        return cls(Node.from_label(sender), receiver, Channel(channel) if channel else Channel.IN,
+                   None if pos is None else int(pos))
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -13,6 +13,13 @@ block's input norm and its q/k/v projection (only that head's or key/value head'
 slice is replaced), an MLP from its own pre-norm, the logits from the final norm.
 Everything downstream follows. The batch holds one edge set per row.
 
+Large edge sets (circuit evaluation, ACDC) use the complement: the residual
+stream is the sum of all sender contributions plus constants (biases), so a
+channel with most of its edges patched reads the source run's residual plus
+``out_s(current) - out_s(source)`` of its few unpatched edges, and a channel with
+all edges patched reads the source residual (for a head: the source run's q/k/v
+slice). Both forms are exact; the cost follows the smaller set.
+
 Sender contributions: the embeddings (block 0's input); a head's output through
 its slice of the output projection, without the bias (which belongs to no
 sender); an MLP's output as added to the residual stream. Gemma's post-attention
@@ -22,6 +29,7 @@ the same pass, so the contributions still sum to the branch output.
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Sequence
@@ -43,7 +51,10 @@ __all__ = ["graph_cache_sites", "head_contributions", "edge_patch_rows"]
 def graph_cache_sites(model: PatchModel) -> set[tuple[Site, int]]:
     """The (site, layer) activations a source cache needs for edge patching."""
     n = model.layout.n_layers
-    return {(s, layer) for layer in range(n) for s in (Site.RESID_PRE, Site.HEAD, Site.MLP_OUT)}
+    sites = {(s, layer) for layer in range(n) for s in (Site.RESID_PRE, Site.HEAD, Site.MLP_OUT)}
+    if model.adapter.has_resid_mid(model.hf.config):
+        sites |= {(Site.RESID_MID, layer) for layer in range(n)}
+    return sites | {(Site.RESID_POST, n - 1)}
 
 
 def head_contributions(model: PatchModel, layer: int, z: torch.Tensor) -> torch.Tensor:
@@ -60,13 +71,19 @@ def head_contributions(model: PatchModel, layer: int, z: torch.Tensor) -> torch.
 
 
 @dataclass
-class _Plan:
-    """Masks of one chunk, for each active receiver channel (node, channel)."""
+class _Key:
+    """How one receiver channel is patched in one chunk (batch rows ``N = rows * prompts``)."""
 
-    rows: torch.Tensor  # [batch] bool: rows where the channel has patched edges
-    embed: torch.Tensor  # [batch, pos, 1]
-    heads: dict[int, torch.Tensor]  # layer -> [batch, pos, head]
-    mlps: dict[int, torch.Tensor]  # layer -> [batch, pos, 1]
+    flip: torch.Tensor  # [N, 1, 1]: rows read the source residual (plus corrections)
+    full: torch.Tensor  # [N] bool: rows with every incoming edge patched at every position
+    partial: torch.Tensor  # [N] bool: rows with some but not all edges patched
+    embed: torch.Tensor | None  # coefficients of the sender differences: [N, pos, 1]
+    heads: dict[int, torch.Tensor]  # layer -> [N, pos, head]
+    mlps: dict[int, torch.Tensor]  # layer -> [N, pos, 1]
+
+    @property
+    def has_terms(self) -> bool:
+        return self.embed is not None or bool(self.heads) or bool(self.mlps)
 
 
 def edge_patch_rows(model: PatchModel, graph: Graph, *, base_ids: torch.Tensor, base: RunCache, source: RunCache,
@@ -77,10 +94,9 @@ def edge_patch_rows(model: PatchModel, graph: Graph, *, base_ids: torch.Tensor, 
     Args:
         base_ids: the run patched into, ``[prompt, pos]``.
         base, source: caches of the base and source runs with `graph_cache_sites`
-            (``[prompt, ...]``). A chunk whose earliest sender is at layer L skips
-            blocks ``0..L-1``, fed the base run's residual stream: nothing below
-            the first patched sender can change.
-        rows: one set of edges of `graph` per row.
+            (``[prompt, ...]``). A chunk whose earliest changed sender is at layer L
+            skips blocks ``0..L-1``, fed the base run's residual stream.
+        rows: one set of edges of `graph` per row (any size, up to every edge).
 
     Returns:
         Metric values, ``[row, prompt]``.
@@ -88,116 +104,190 @@ def edge_patch_rows(model: PatchModel, graph: Graph, *, base_ids: torch.Tensor, 
     Raises:
         ValueError: an edge that is not in `graph` (a sender that the receiver does not read).
     """
-    for row in rows:
-        for edge in row:
-            if edge.sender not in graph.senders_into(edge.receiver) or \
-                    (edge.pos is not None and not 0 <= edge.pos < base_ids.shape[1]):
-                raise ValueError(f"edge {edge.label} is not an edge of this model's graph")
     n_prompts, n_pos = base_ids.shape
+    rows = [_checked(graph, row, n_pos) for row in rows]
+    summaries = [_summary(model, graph, row, n_pos) for row in rows]
     src = _source_values(model, source)
     limit = rows_per_chunk(model, n_prompts, n_pos, memory_mb)
     out = torch.empty(len(rows), n_prompts)
-    starts = [min((0 if e.sender.kind is NodeKind.EMBED else e.sender.layer for e in row),
-                  default=model.layout.n_layers - 1) for row in rows]
-    for chunk in tqdm(chunk_rows(starts, limit), desc="edge patching", unit="pass", disable=not progress, leave=False):
+    starts = [start for start, _, _ in summaries]
+    weights = [1 + n_terms / 8 for _, _, n_terms in summaries]  # a correction term costs ~1/8 of a row's activations
+    for chunk in tqdm(chunk_rows(starts, limit, weights), desc="edge patching", unit="pass",
+                      disable=not progress, leave=False):
+        keys = _plan(model, graph, [rows[r] for r in chunk], [summaries[r][1] for r in chunk], n_prompts, n_pos)
         logits = _run_chunk(model, base_ids, skip_value(model, base, starts[chunk[0]], len(chunk)),
-                            starts[chunk[0]], src, [rows[r] for r in chunk])
+                            starts[chunk[0]], src, keys, len(chunk))
         out[chunk] = metric(logits, targets.repeat(len(chunk))).reshape(len(chunk), n_prompts).cpu()
     return out
 
 
-def _source_values(model: PatchModel, source: RunCache) -> dict:
-    """Source-run sender values: head outputs z where the output projection is linear
-    in them, else the per-head contributions (Gemma's post-norm)."""
+def _checked(graph: Graph, row: Sequence[Edge], n_pos: int) -> frozenset[Edge]:
+    row = frozenset(row)
+    for edge in row:
+        if edge.sender not in _senders(graph, edge.receiver) or \
+                (edge.pos is not None and not 0 <= edge.pos < n_pos):
+            raise ValueError(f"edge {edge.label} is not an edge of this model's graph")
+        if edge.pos is not None and edge.with_pos(None) in row:
+            raise ValueError(f"edge {edge.label} is given both at one position and at all positions")
+    return row
+
+
+@functools.lru_cache(maxsize=4096)
+def _senders(graph: Graph, receiver: Node) -> frozenset[Node]:
+    return frozenset(graph.senders_into(receiver))
+
+
+def _layer(node: Node, n_layers: int) -> int:
+    return 0 if node.kind is NodeKind.EMBED else n_layers - 1 if node.kind is NodeKind.LOGITS else node.layer
+
+
+def _summary(model: PatchModel, graph: Graph, row: frozenset[Edge], n_pos: int):
+    """(start layer, receiver channels in complement form, number of correction terms) of one row."""
     n = model.layout.n_layers
+    by_key: dict[tuple[Node, Channel], list[Edge]] = defaultdict(list)
+    for edge in row:
+        by_key[(edge.receiver, edge.channel)].append(edge)
+    layers, flipped, n_terms = [n - 1], set(), 0
+    for key, edges in by_key.items():
+        senders = _senders(graph, key[0])
+        patched = sum(n_pos if e.pos is None else 1 for e in edges)
+        if 2 * patched > len(senders) * n_pos:  # complement form: terms for the unpatched edges
+            flipped.add(key)
+            covered = defaultdict(int)
+            for e in edges:
+                covered[e.sender] += n_pos if e.pos is None else 1
+            kept = [s for s in senders if covered[s] < n_pos]
+            layers += [_layer(s, n) for s in kept] + [_layer(key[0], n)]
+            n_terms += bool(kept)
+        else:
+            layers += [_layer(e.sender, n) for e in edges]
+            n_terms += 1
+    return min(layers), frozenset(flipped), n_terms
+
+
+def _source_values(model: PatchModel, source: RunCache) -> dict:
+    """Source-run sender values (head outputs z where the output projection is linear
+    in them, else the per-head contributions: Gemma's post-norm) and the residual
+    stream each receiver kind reads."""
+    n, adapter = model.layout.n_layers, model.adapter
     heads = {layer: source.acts[(Site.HEAD, layer)] for layer in range(n)}
-    if model.adapter.attn_post_norm():
+    if adapter.attn_post_norm():
         heads = {layer: head_contributions(model, layer, z) for layer, z in heads.items()}
+    mid = Site.RESID_MID if adapter.has_resid_mid(model.hf.config) else Site.RESID_PRE
     return {"embed": source.acts[(Site.RESID_PRE, 0)], "heads": heads,
-            "mlps": {layer: source.acts[(Site.MLP_OUT, layer)] for layer in range(n)}}
+            "mlps": {layer: source.acts[(Site.MLP_OUT, layer)] for layer in range(n)},
+            "resid_pre": {layer: source.acts[(Site.RESID_PRE, layer)] for layer in range(n)},
+            "resid_mlp": {layer: source.acts[(mid, layer)] for layer in range(n)},
+            "resid_final": source.acts[(Site.RESID_POST, n - 1)]}
 
 
-def _plan(model: PatchModel, rows: Sequence[Sequence[Edge]], n_prompts: int, n_pos: int) -> dict:
-    n_rows = len(rows)
-    plans: dict[tuple[Node, Channel], _Plan] = {}
+def _sender_index(node: Node, n_heads: int) -> int:
+    """Column of a sender in the dense coefficient matrix: embed, then per layer its heads and MLP."""
+    if node.kind is NodeKind.EMBED:
+        return 0
+    return 1 + node.layer * (n_heads + 1) + (n_heads if node.kind is NodeKind.MLP else node.head)
+
+
+def _plan(model: PatchModel, graph: Graph, rows: Sequence[frozenset[Edge]], flipped: Sequence[frozenset],
+          n_prompts: int, n_pos: int) -> dict[tuple[Node, Channel], _Key]:
+    n_rows, n_layers, n_heads = len(rows), model.layout.n_layers, model.layout.n_heads
+    n_senders = 1 + n_layers * (n_heads + 1)
+    masks: dict[tuple[Node, Channel], torch.Tensor] = {}
     for r, row in enumerate(rows):
-        for edge in row:
-            key = (edge.receiver, edge.channel)
-            plan = plans.get(key)
-            if plan is None:
-                plan = plans[key] = _Plan(rows=torch.zeros(n_rows, dtype=torch.bool),
-                                          embed=torch.zeros(n_rows, n_pos, 1), heads={}, mlps={})
-            plan.rows[r] = True
-            pos = slice(None) if edge.pos is None else edge.pos
-            s = edge.sender
-            if s.kind is NodeKind.EMBED:
-                plan.embed[r, pos] = 1.0
-            elif s.kind is NodeKind.HEAD:
-                plan.heads.setdefault(s.layer, torch.zeros(n_rows, n_pos, model.layout.n_heads))[r, pos, s.head] = 1.0
-            else:
-                plan.mlps.setdefault(s.layer, torch.zeros(n_rows, n_pos, 1))[r, pos] = 1.0
-    expand = lambda m: m.repeat_interleave(n_prompts, dim=0).to(model.device)  # row r -> batch rows r*P..r*P+P-1
-    return {key: _Plan(rows=expand(p.rows), embed=expand(p.embed), heads={k: expand(v) for k, v in p.heads.items()},
-                       mlps={k: expand(v) for k, v in p.mlps.items()}) for key, p in plans.items()}
+        for e in row:
+            key = (e.receiver, e.channel)
+            if key not in masks:
+                masks[key] = torch.zeros(n_rows, n_pos, n_senders)
+            masks[key][r, slice(None) if e.pos is None else e.pos, _sender_index(e.sender, n_heads)] = 1.0
+    expand = lambda t: t.repeat_interleave(n_prompts, dim=0).to(model.device)  # row r -> batch rows r*P..r*P+P-1
+    keys = {}
+    for key, mask in masks.items():
+        valid = torch.zeros(n_senders)
+        valid[[_sender_index(s, n_heads) for s in _senders(graph, key[0])]] = 1.0
+        flip = torch.tensor([key in f for f in flipped])
+        coef = torch.where(flip[:, None, None], mask - valid, mask)  # complement: -1 on unpatched edges
+        patched = (mask > 0).flatten(1).sum(1)
+        full = patched == valid.sum() * n_pos
+        partial = (patched > 0) & ~full
+        if key[0].kind in (NodeKind.HEAD, NodeKind.KV_HEAD):
+            flip = flip & ~full  # fully patched heads take the source projection directly
+        layer_cols = lambda layer: slice(1 + layer * (n_heads + 1), 1 + (layer + 1) * (n_heads + 1))
+        per_layer = {layer: coef[..., layer_cols(layer)] for layer in range(n_layers)}
+        keys[key] = _Key(
+            flip=expand(flip.float()[:, None, None]), full=expand(full), partial=expand(partial),
+            embed=expand(coef[..., :1]) if coef[..., 0].any() else None,
+            heads={layer: expand(c[..., :n_heads]) for layer, c in per_layer.items() if c[..., :n_heads].any()},
+            mlps={layer: expand(c[..., n_heads:]) for layer, c in per_layer.items() if c[..., n_heads].any()})
+    return keys
 
 
-def _run_chunk(model: PatchModel, base_ids: torch.Tensor, skip_to, start: int, src: dict, rows) -> torch.Tensor:
+def _run_chunk(model: PatchModel, base_ids: torch.Tensor, skip_to, start: int, src: dict,
+               keys: dict[tuple[Node, Channel], _Key], n_rows: int) -> torch.Tensor:
     adapter, layout, nn, hf = model.adapter, model.layout, model.nn, model.hf
-    n_rows, (n_prompts, n_pos) = len(rows), base_ids.shape
-    plans = _plan(model, rows, n_prompts, n_pos)
+    n_prompts, n_pos = base_ids.shape
     rep = lambda t: t.repeat(n_rows, *([1] * (t.dim() - 1))).to(model.device)
     by_layer: dict[int, list] = defaultdict(list)  # head receivers per layer
-    for node, channel in plans:
+    for node, channel in keys:
         if node.kind in (NodeKind.HEAD, NodeKind.KV_HEAD):
             by_layer[node.layer].append((node, channel))
-    head_layers = {layer for p in plans.values() for layer in p.heads}
-    mlp_layers = {layer for p in plans.values() for layer in p.mlps}
+    head_layers = {layer for k in keys.values() for layer in k.heads}
+    mlp_layers = {layer for k in keys.values() for layer in k.mlps}
     ids = base_ids.repeat(n_rows, 1).to(model.device)
     linear_heads = not adapter.attn_post_norm()
     with torch.no_grad(), nn.trace(ids, logits_to_keep=1):
-        delta = {key: torch.zeros(ids.shape[0], n_pos, layout.d_model, device=model.device) for key in plans}
+        delta = {key: torch.zeros(ids.shape[0], n_pos, layout.d_model, device=model.device)
+                 for key, k in keys.items() if k.has_terms}
         for layer in range(start):
             adapter.block(nn, layer).skip(skip_to)
         for layer in range(start, layout.n_layers):
             block = adapter.block(nn, layer)
             resid = block.input
             if layer == 0:
-                for key, plan in plans.items():
-                    delta[key] = delta[key] + plan.embed * (rep(src["embed"]) - resid)
+                for key, k in keys.items():
+                    if k.embed is not None:
+                        delta[key] = delta[key] + k.embed * (rep(src["embed"]) - resid)
             if by_layer[layer]:
-                _patch_head_inputs(model, layer, resid, by_layer[layer], plans, delta)
+                _patch_head_inputs(model, layer, resid, rep(src["resid_pre"][layer]), by_layer[layer], keys, delta)
             if layer in head_layers:
                 z = adapter.view(Site.HEAD, adapter.module(nn, adapter.point(Site.HEAD, layer)).input, layout)
-                if linear_heads:  # sum_h m_h W_h (z_src - z)_h, one matmul per receiver channel
+                if linear_heads:  # sum_h c_h W_h (z_src - z)_h, one matmul per receiver channel
                     diff, w = rep(src["heads"][layer]) - z, adapter.head_weights(hf, layer, layout).flatten(0, 1)
-                    for key, plan in plans.items():
-                        if layer in plan.heads:
-                            delta[key] = delta[key] + (diff * plan.heads[layer][..., None]).flatten(2) @ w
+                    for key, k in keys.items():
+                        if layer in k.heads:
+                            delta[key] = delta[key] + (diff * k.heads[layer][..., None]).flatten(2) @ w
                 else:
                     diff = rep(src["heads"][layer]) - head_contributions(model, layer, z)
-                    for key, plan in plans.items():
-                        if layer in plan.heads:
-                            delta[key] = delta[key] + torch.einsum("bthd,bth->btd", diff, plan.heads[layer])
+                    for key, k in keys.items():
+                        if layer in k.heads:
+                            delta[key] = delta[key] + torch.einsum("bthd,bth->btd", diff, k.heads[layer])
             mlp_key = (Node(NodeKind.MLP, layer), Channel.IN)
-            if mlp_key in plans:
+            if mlp_key in keys:
                 norm = adapter.module(nn, adapter.mlp_in_point(layer))
-                norm.input = norm.input + delta[mlp_key]
+                norm.input = _patched_input(norm.input, rep(src["resid_mlp"][layer]), keys[mlp_key], delta.get(mlp_key))
             if layer in mlp_layers:
                 mlp_out = adapter.module(nn, adapter.point(Site.MLP_OUT, layer)).output
                 diff = rep(src["mlps"][layer]) - mlp_out
-                for key, plan in plans.items():
-                    if layer in plan.mlps:
-                        delta[key] = delta[key] + plan.mlps[layer] * diff
+                for key, k in keys.items():
+                    if layer in k.mlps:
+                        delta[key] = delta[key] + k.mlps[layer] * diff
         logits_key = (Node(NodeKind.LOGITS), Channel.IN)
-        if logits_key in plans:
+        if logits_key in keys:
             final = adapter.final_norm_module(nn)
-            final.input = final.input + delta[logits_key]
+            final.input = _patched_input(final.input, rep(src["resid_final"]), keys[logits_key], delta.get(logits_key))
         logits = nnsight.save(nn.output.logits[:, -1])
     return logits
 
 
-def _patch_head_inputs(model: PatchModel, layer: int, resid, receivers, plans, delta) -> None:
-    """Recompute the q/k/v projection slice of each receiver head from its own patched residual."""
+def _patched_input(current, source_resid, key: _Key, delta):
+    """What a receiver channel reads: its own residual plus the patched edges' differences,
+    or (complement form) the source residual minus the unpatched edges' differences."""
+    out = current + key.flip * (source_resid - current)
+    return out if delta is None else out + delta
+
+
+def _patch_head_inputs(model: PatchModel, layer: int, resid, source_resid, receivers, keys, delta) -> None:
+    """Recompute the q/k/v projection slice of each receiver head from its own patched residual;
+    fully patched heads take the slice of the source projection."""
     adapter, layout, nn, hf = model.adapter, model.layout, model.nn, model.hf
     norm = adapter.attn_norm_module(hf, layer)
     by_point = defaultdict(list)
@@ -206,14 +296,20 @@ def _patch_head_inputs(model: PatchModel, layer: int, resid, receivers, plans, d
     for point in sorted(by_point, key=lambda p: p.sort_key):
         proj_env = adapter.module(nn, point)
         proj = adapter.module(hf, point)
-        raw = proj_env.output
-        new = raw
+        # type(m).forward(m, x) calls the module without nnsight's hooks: a side computation.
+        recompute = lambda x: type(proj).forward(proj, type(norm).forward(norm, x))
+        new = proj_env.output
+        source_raw = None  # the source run's projection output, computed once per point if needed
         for node, channel in by_point[point]:
-            site, plan = channel.site, plans[(node, channel)]
-            # type(m).forward(m, x) calls the module without nnsight's hooks: a side computation.
-            recomputed = type(proj).forward(proj, type(norm).forward(norm, resid + delta[(node, channel)]))
+            site, key = channel.site, keys[(node, channel)]
             view = adapter.view(site, new, layout).clone()
-            patched = adapter.view(site, recomputed, layout)[:, :, node.head]
-            view[:, :, node.head] = torch.where(plan.rows[:, None, None], patched, view[:, :, node.head])
+            if key.full.any():
+                source_raw = recompute(source_resid) if source_raw is None else source_raw
+                from_source = adapter.view(site, source_raw, layout)[:, :, node.head]
+                view[:, :, node.head] = torch.where(key.full[:, None, None], from_source, view[:, :, node.head])
+            if key.partial.any():
+                x = _patched_input(resid, source_resid, key, delta.get((node, channel)))
+                patched = adapter.view(site, recompute(x), layout)[:, :, node.head]
+                view[:, :, node.head] = torch.where(key.partial[:, None, None], patched, view[:, :, node.head])
             new = adapter.unview(site, new, view, layout)
         proj_env.output = new

@@ -101,15 +101,20 @@ def patch_rows(model: PatchModel, *, base_ids: torch.Tensor, base: RunCache, sou
     return out
 
 
-def chunk_rows(start_layers: Sequence[int], limit: int) -> list[list[int]]:
-    """Row indices grouped into chunks of at most `limit` rows that share a start layer,
-    so that every chunk can skip the blocks below it."""
+def chunk_rows(start_layers: Sequence[int], limit: float, weights: Sequence[float] | None = None) -> list[list[int]]:
+    """Row indices grouped into chunks that share a start layer, so that every chunk
+    can skip the blocks below it, with at most `limit` rows (or total `weights`:
+    the memory of a row in units of one plain row)."""
     chunks: list[list[int]] = []
+    load = 0.0
     for r in sorted(range(len(start_layers)), key=lambda r: start_layers[r]):
-        if chunks and len(chunks[-1]) < limit and start_layers[chunks[-1][0]] == start_layers[r]:
+        w = 1.0 if weights is None else weights[r]
+        if chunks and load + w <= limit and start_layers[chunks[-1][0]] == start_layers[r]:
             chunks[-1].append(r)
+            load += w
         else:
             chunks.append([r])
+            load = w
     return chunks
 
 

@@ -73,6 +73,35 @@ def test_edge_sets_equal_reference(setup, direction):
     assert torch.allclose(got, expected, atol=TOL, rtol=0), (got - expected).abs().max()
 
 
+def large_edge_sets(graph: Graph, n_pos: int, seed: int = 1) -> list[tuple[Edge, ...]]:
+    """Sets with most edges patched (the complement form): all edges but a few, all
+    edges into one head channel but one, and token-specific complements."""
+    rng = random.Random(seed)
+    edges = list(graph.edges())
+    minus = lambda pool, k: tuple(sorted(set(pool) - set(rng.sample(pool, k))))
+    head = next(r for r, c in graph.receivers if r.kind is NodeKind.HEAD and r.layer == graph.n_layers - 1)
+    into_q = [Edge(s, head, Channel.Q) for s in graph.senders_into(head)]
+    per_pos = [e.with_pos(p) for e in edges for p in range(n_pos)]
+    mixed = tuple(sorted(set(minus(per_pos, 20)) - {e for e in per_pos if e.receiver.kind is NodeKind.LOGITS}))
+    return [minus(edges, 1), minus(edges, 5), minus(edges, 30), minus(into_q, 1), minus(per_pos, 7), mixed]
+
+
+@pytest.mark.parametrize("direction", ["noising", "denoising"])
+def test_large_edge_sets_equal_reference(setup, direction):
+    model, dataset, tokens, graph = setup
+    edge_sets = large_edge_sets(graph, tokens.n_pos)
+    ds = patch_edges(model, dataset, edge_sets, direction=direction, progress=False)
+    expected = reference_values(model, tokens, edge_sets, direction)
+    got = torch.from_numpy(ds.patched.values)
+    assert torch.allclose(got, expected, atol=TOL, rtol=0), (got - expected).abs().max()
+
+
+def test_every_edge_patched_is_the_source_run(setup):
+    model, dataset, tokens, graph = setup
+    ds = patch_edges(model, dataset, [tuple(graph.edges())], progress=False)
+    assert torch.allclose(torch.from_numpy(ds.patched.values[0]), torch.from_numpy(ds.corrupted.values), atol=TOL)
+
+
 def test_empty_set_is_the_base_run_and_all_logit_edges_the_source_run(setup):
     model, dataset, tokens, graph = setup
     logits = Node(NodeKind.LOGITS)
