@@ -107,17 +107,30 @@ class ExperimentRun:
             ds.to_netcdf(tmp, engine="netcdf4")
         return self._written(path)
 
-    def save_figure(self, fig, name: str) -> Path:
-        """Write a matplotlib figure to ``<name>.png`` (150 dpi), atomically, then close it."""
+    def save_figure(self, fig, name: str, *, formats: Sequence[str] = ("png",)) -> list[Path]:
+        """Write a matplotlib figure to ``<name>.<format>`` for each format (png at 150 dpi,
+        svg, pdf), atomically, then close it. SVG/PDF carry no date and fixed ids, so
+        their sha256 in the manifest is reproducible.
+
+        Raises:
+            ValueError: an unknown format.
+        """
         import matplotlib.pyplot as plt
 
-        path = self._out(f"{name}.png")
+        bad = [f for f in formats if f not in ("png", "svg", "pdf")]
+        if bad or not formats:
+            raise ValueError(f"figure formats {list(formats)}: use png, svg or pdf")
+        paths = []
         try:
-            with atomic_path(path) as tmp:
-                fig.savefig(tmp, dpi=150, bbox_inches="tight", format="png")
+            for fmt in formats:
+                path = self._out(f"{name}.{fmt}")
+                with atomic_path(path) as tmp, plt.rc_context({"svg.hashsalt": "patchlab"}):
+                    fig.savefig(tmp, dpi=150, bbox_inches="tight", format=fmt,
+                                metadata=None if fmt == "png" else {"Date": None})
+                paths.append(self._written(path))
         finally:
             plt.close(fig)
-        return self._written(path)
+        return paths
 
     def load_dataset(self, name: str):
         """The ``xarray.Dataset`` saved as ``<name>.nc`` by an earlier attempt of this run

@@ -221,11 +221,26 @@ def test_save_figure_writes_a_png_and_closes_the_figure(tmp_path):
     fig, ax = plt.subplots(figsize=(2, 1))
     ax.plot([0, 1], [0, 1])
     with pl.ExperimentRun("exp", root=tmp_path, config={}, seed=0, run_id="f", command=["x"]) as run:
-        path = run.save_figure(fig, "line")
+        (path,) = run.save_figure(fig, "line")
     assert not plt.fignum_exists(fig.number)
     image = matplotlib.image.imread(path)
     assert image.ndim == 3 and 100 <= image.shape[1] <= 300  # ~2 in at 150 dpi, cropped tight
     assert json.loads((run.path / "manifest.json").read_text())["files"] == {"line.png": sha256(path)}
+
+
+def test_save_figure_writes_reproducible_svg(tmp_path):
+    texts = []
+    for run_id in ("a", "b"):
+        fig, ax = plt.subplots(figsize=(2, 1))
+        ax.plot([0, 1], [0, 1])
+        with pl.ExperimentRun("exp", root=tmp_path, config={}, seed=0, run_id=run_id, command=["x"]) as run:
+            png, svg = run.save_figure(fig, "line", formats=("png", "svg"))
+        assert png.suffix == ".png" and svg.suffix == ".svg"
+        texts.append(svg.read_text())
+    assert texts[0].lstrip().startswith("<?xml") and texts[0] == texts[1]
+    with pytest.raises(ValueError, match="png, svg or pdf"):
+        with pl.ExperimentRun("exp", root=tmp_path, config={}, seed=0, run_id="c", command=["x"]) as run:
+            run.save_figure(plt.figure(), "x", formats=("jpg",))
 
 
 def test_a_failed_write_leaves_no_partial_file_and_marks_the_run_failed(tmp_path):
