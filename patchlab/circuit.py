@@ -27,7 +27,7 @@ import xarray as xr
 from ._io import atomic_path, atomic_write_text
 from .graph import Edge, Graph, Node, NodeKind
 
-__all__ = ["edge_scores", "rank_edges", "Circuit"]
+__all__ = ["edge_scores", "score_attrs", "rank_edges", "Circuit"]
 
 _GRAPH_ATTRS = ("n_layers", "n_heads", "n_kv_heads", "parallel_residual", "n_pos")
 
@@ -60,6 +60,20 @@ def edge_scores(edges: Sequence[Edge], score, *, graph: Graph, attrs: dict | Non
     if "units" in ds.attrs:
         ds["score"].attrs["units"] = ds.attrs["units"]
     return ds
+
+
+def score_attrs(model, dataset, runs, *, method: str, seed: int | None, **extra) -> dict:
+    """Attrs of edge scores: method, metric and units, direction, the clean and corrupted
+    metric means (metric units) and provenance (`patchlab.provenance.provenance_attrs`)."""
+    from .provenance import provenance_attrs
+
+    return provenance_attrs(
+        model_id=model.model_id, model_sha256=model.weights_sha256, dataset_sha256=dataset.sha256(), seed=seed,
+        git_path=Path(__file__).parent, method=method, metric=runs.metric.value, units=runs.metric.units,
+        direction=runs.direction.value, score_meaning="m(patched) - m(base) when the one edge is patched",
+        clean_mean=float(runs.baselines["clean"].double().mean()),
+        corrupted_mean=float(runs.baselines["corrupted"].double().mean()), n_prompts=len(dataset),
+        dataset=dataset.name, corruption=dataset.corruption, model_family=model.adapter.family, **extra)
 
 
 def _attr(value):

@@ -77,7 +77,8 @@ class Metric(enum.Enum):
 
     def __call__(self, logits: torch.Tensor, targets: Targets) -> torch.Tensor:
         """Metric per row, ``[batch]``, from final-position logits ``[batch, vocab]``."""
-        logits = logits.float()
+        if logits.dtype.itemsize < 4:  # half precision: compute in float32; float64 stays float64
+            logits = logits.float()
         if self is Metric.LOGIT_DIFF:
             return (logits.gather(-1, targets.correct[:, None]) - logits.gather(-1, targets.incorrect[:, None]))[:, 0]
         logprobs = torch.log_softmax(logits, dim=-1)

@@ -1,0 +1,202 @@
+"""Edge attribution patching: first-order scores for every edge of the graph at once.
+
+**EAP** (Syed et al. 2023, "Attribution Patching Outperforms Automated Circuit
+Discovery", arXiv 2310.10348) estimates the effect of patching edge ``s -> r.c``
+(the definition in `patchlab.graph_runner`) by a first-order Taylor expansion
+around the base run:
+
+    score(s -> r.c) = sum over pos of (out_s(source) - out_s(base)) . d m / d x_{r,c}
+
+averaged over prompts, where ``x_{r,c}`` is the residual stream that channel ``c``
+of receiver ``r`` reads (before its norm): the gradient reaches it only through
+that receiver's own norm and q/k/v slice (or MLP, or unembedding). Two cached
+forward passes and one forward+backward pass score every edge.
+
+**EAP-IG** (Hanna et al. 2024, "Have Faith in Faithfulness", arXiv 2403.17806)
+replaces the gradient by its mean over ``steps`` points on the straight line from
+the base run's embeddings towards the source run's, ``alpha = k / steps`` for
+``k = 0 .. steps-1`` (so ``steps=1`` is EAP).
+
+Scores are estimates of ``m(patched) - m(base)`` in the metric's units, the same
+quantity as `patchlab.exact_edge_scores`; the default direction is noising (base =
+clean, source = corrupted). Attribution is known to fail where attention saturates
+and where direct and indirect effects cancel (Kramar et al. 2024, AtP*); compare
+with exact scores (`patchlab.agreement`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import nnsight
+import torch
+import xarray as xr
+
+from .components import Site
+from .circuit import edge_scores, score_attrs
+from .data import PromptPairDataset
+from .graph import Channel, Graph, Node, NodeKind
+from .graph_runner import graph_cache_sites, head_contributions
+from .metrics import Direction, Metric
+from .models import PatchModel
+from .patching import prepare_runs, tokenize_for
+
+__all__ = ["eap", "eap_ig"]
+
+
+def eap(model: PatchModel, dataset: PromptPairDataset, *, metric: Metric | str = Metric.LOGIT_DIFF,
+        direction: Direction | str = Direction.NOISING, per_position: bool = False,
+        seed: int | None = None) -> xr.Dataset:
+    """Edge attribution patching (EAP) scores of every edge.
+
+    Args:
+        metric: what the gradient is taken of (default logit difference, nats). KL to
+            the clean run has zero gradient at the clean run: with noising it scores 0.
+        direction: noising (base clean, source corrupted; default) or denoising.
+        per_position: score token-specific edges (``Graph.from_model(model, n_pos=...)``)
+            instead of all-token edges.
+        seed: recorded in attrs (EAP is deterministic).
+
+    Returns:
+        Edge scores (`patchlab.circuit.edge_scores`): ``score`` (edge), estimated
+        ``m(patched) - m(base)`` in the metric's units; attrs ``method="eap"``,
+        metric, direction, baselines and provenance.
+    """
+    return _attribute(model, dataset, steps=1, method="eap", metric=metric, direction=direction,
+                      per_position=per_position, seed=seed)
+
+
+def eap_ig(model: PatchModel, dataset: PromptPairDataset, *, steps: int = 5, metric: Metric | str = Metric.LOGIT_DIFF,
+           direction: Direction | str = Direction.NOISING, per_position: bool = False,
+           seed: int | None = None) -> xr.Dataset:
+    """EAP with integrated gradients (EAP-IG, Hanna et al. 2024): the gradient is averaged
+    over `steps` interpolations of the input embeddings from the base towards the source run.
+
+    Args:
+        steps: interpolation steps ``m`` (5 is typical; 1 equals `eap`). The batch holds
+            ``steps * n_prompts`` sequences.
+        metric, direction, per_position, seed: as in `eap`.
+
+    Returns:
+        Edge scores as in `eap`, with attrs ``method="eap_ig"`` and ``ig_steps``.
+
+    Raises:
+        ValueError: steps < 1.
+    """
+    if steps < 1:
+        raise ValueError(f"steps={steps}: EAP-IG needs at least one interpolation step")
+    return _attribute(model, dataset, steps=steps, method="eap_ig", metric=metric, direction=direction,
+                      per_position=per_position, seed=seed)
+
+
+def _attribute(model, dataset, *, steps, method, metric, direction, per_position, seed) -> xr.Dataset:
+    tokens = tokenize_for(model, dataset)
+    runs = prepare_runs(model, tokens, graph_cache_sites(model), metric, direction)
+    graph = Graph.from_model(model, n_pos=tokens.n_pos if per_position else None)
+    grads = receiver_gradients(model, runs, steps)  # (node, channel) -> [prompt, pos, d_model]
+    deltas = sender_differences(model, runs)  # node -> [prompt, pos, d_model]
+    senders = list(graph.senders)
+    receivers = list(graph.receivers)
+    d = torch.stack([deltas[s] for s in senders]).double()
+    g = torch.stack([grads[r] for r in receivers]).double()
+    n_prompts = tokens.n_prompts
+    if per_position:
+        table = torch.einsum("sbpd,rbpd->srp", d, g) / n_prompts
+    else:
+        table = torch.einsum("sbpd,rbpd->sr", d, g) / n_prompts
+    s_index = {s: i for i, s in enumerate(senders)}
+    r_index = {r: i for i, r in enumerate(receivers)}
+    edges = list(graph.edges())
+    if per_position:
+        values = [table[s_index[e.sender], r_index[(e.receiver, e.channel)], e.pos] for e in edges]
+    else:
+        values = [table[s_index[e.sender], r_index[(e.receiver, e.channel)]] for e in edges]
+    attrs = score_attrs(model, dataset, runs, method=method, seed=seed, per_position=int(per_position),
+                        **({"ig_steps": steps} if method == "eap_ig" else {}))
+    return edge_scores(edges, torch.stack(values).numpy(), graph=graph, attrs=attrs)
+
+
+def sender_differences(model: PatchModel, runs) -> dict:
+    """``out_s(source) - out_s(base)`` of every sender, ``[prompt, pos, d_model]``."""
+    graph = Graph.from_model(model)
+    out = {}
+    for s in graph.senders:
+        if s.kind is NodeKind.EMBED:
+            out[s] = runs.source.acts[(Site.RESID_PRE, 0)] - runs.base.acts[(Site.RESID_PRE, 0)]
+        elif s.kind is NodeKind.MLP:
+            out[s] = runs.source.acts[(Site.MLP_OUT, s.layer)] - runs.base.acts[(Site.MLP_OUT, s.layer)]
+    for layer in range(model.layout.n_layers):
+        contrib = lambda run: head_contributions(model, layer, run.acts[(Site.HEAD, layer)])
+        diff = contrib(runs.source) - contrib(runs.base)
+        for h in range(model.layout.n_heads):
+            out[Node(NodeKind.HEAD, layer, h)] = diff[:, :, h]
+    return {k: v.float().cpu() for k, v in out.items()}
+
+
+def receiver_gradients(model: PatchModel, runs, steps: int) -> dict:
+    """``d m / d x_{r,c}`` of every receiver channel, ``[prompt, pos, d_model]``, averaged
+    over `steps` points ``alpha = k / steps`` between the base (0) and source (1) embeddings."""
+    adapter, layout, nn, hf = model.adapter, model.layout, model.nn, model.hf
+    n = layout.n_layers
+    base_embed, source_embed = (run.acts[(Site.RESID_PRE, 0)].to(model.device) for run in (runs.base, runs.source))
+    alpha = (torch.arange(steps, dtype=base_embed.dtype, device=model.device) / steps)[:, None, None, None]
+    embed = (base_embed + alpha * (source_embed - base_embed)).flatten(0, 1).requires_grad_(True)
+    ids = runs.base_ids.repeat(steps, 1).to(model.device)
+    head_points = sorted({adapter.point(site, layer) for layer in range(n) for site in (Site.Q, Site.K, Site.V)},
+                         key=lambda p: p.sort_key)
+    # Forward with gradients: inputs (x) and outputs (y) of every receiver's norm/projection.
+    with torch.enable_grad(), nn.trace(ids, logits_to_keep=1):
+        adapter.block(nn, 0).input = embed
+        x, y = nnsight.save({}), nnsight.save({})  # only saved values leave the trace
+        for layer in range(n):
+            x[("attn", layer)] = nnsight.save(adapter.block(nn, layer).input)
+            for point in (p for p in head_points if p.layer == layer):
+                y[point] = nnsight.save(adapter.module(nn, point).output)
+            mlp_norm = adapter.module(nn, adapter.mlp_in_point(layer))
+            x[("mlp", layer)] = nnsight.save(mlp_norm.input)
+            y[("mlp", layer)] = nnsight.save(mlp_norm.output)
+        final = adapter.final_norm_module(nn)
+        x["final"] = nnsight.save(final.input)
+        y["final"] = nnsight.save(final.output)
+        logits = nnsight.save(nn.output.logits[:, -1])
+    value = runs.metric(logits, runs.targets.repeat(steps)).sum()  # prompts are independent: one backward
+    got = dict(zip(y, torch.autograd.grad(value, list(y.values()))))
+    mean = lambda g: g.reshape(steps, -1, *g.shape[1:]).mean(0).detach().float().cpu()
+    out = {}
+    for layer in range(n):
+        norm = adapter.attn_norm_module(hf, layer)
+        for site in (Site.Q, Site.K, Site.V):
+            point = adapter.point(site, layer)
+            proj = adapter.module(hf, point)
+            view = adapter.view(site, got[point], layout)  # [batch, pos, head, d_head]
+            cot = torch.zeros(view.shape[2], *got[point].shape, dtype=got[point].dtype, device=model.device)
+            for h in range(view.shape[2]):
+                only = torch.zeros_like(view)
+                only[:, :, h] = view[:, :, h]
+                cot[h] = adapter.unview(site, torch.zeros_like(got[point]), only, layout)
+            per_head = _input_grads(lambda t: _call(proj, _call(norm, t)), x[("attn", layer)].detach(), cot)
+            kind = NodeKind.KV_HEAD if site is not Site.Q and layout.n_kv_heads != layout.n_heads else NodeKind.HEAD
+            for h in range(view.shape[2]):
+                out[(Node(kind, layer, h), Channel(site.value))] = mean(per_head[h])
+        mlp_norm = adapter.module(hf, adapter.mlp_in_point(layer))
+        g = _input_grads(lambda t: _call(mlp_norm, t), x[("mlp", layer)].detach(), got[("mlp", layer)][None])
+        out[(Node(NodeKind.MLP, layer), Channel.IN)] = mean(g[0])
+    final = adapter.final_norm_module(hf)
+    g = _input_grads(lambda t: _call(final, t), x["final"].detach(), got["final"][None])
+    out[(Node(NodeKind.LOGITS), Channel.IN)] = mean(g[0])
+    return out
+
+
+def _call(module, x):
+    # type(m).forward(m, x) runs the module's computation without nnsight's hooks.
+    return type(module).forward(module, x)
+
+
+def _input_grads(fn: Callable, x: torch.Tensor, cotangents: torch.Tensor) -> torch.Tensor:
+    """Vector-Jacobian products of `fn` at `x` for each cotangent: ``[n, *x.shape]``."""
+    n = cotangents.shape[0]
+    xs = x.repeat(n, *([1] * (x.dim() - 1))).requires_grad_(True)
+    with torch.enable_grad():
+        y = fn(xs)
+    (g,) = torch.autograd.grad(y, xs, cotangents.reshape(n * cotangents.shape[1], *cotangents.shape[2:]))
+    return g.reshape(n, *x.shape)
