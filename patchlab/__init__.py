@@ -8,17 +8,34 @@ Public API (see README.md for a tour):
 - metrics: `Metric`, `Direction`
 - activation patching: `patch_layer_pos`, `patch_heads`, `patch_components`
 - figures: `plot_layer_pos`, `plot_layer_head`, `plot_sweep`
+- edge and path patching: `patch_edges`, `patch_senders_into`, `path_patch_heads`, `Edge`, `Node`, `Graph`
+- circuit discovery: `eap`, `eap_ig`, `exact_edge_scores`, `acdc`, `iterative_path_patching`
+- circuits: `Circuit`, `evaluate_circuits`, `faithfulness_curve`, `agreement`, `roc_auc`,
+  `plot_circuit`, `plot_faithfulness_curves`
+- a model with a known circuit: `load_induction_model`, `induction_dataset`, `known_circuit`
 - experiment folders: `ExperimentRun`
 """
 
+from .acdc import acdc
+from .agreement import agreement, roc_auc
+from .attribution import eap, eap_ig
+from .circuit import Circuit
+from .circuit_plots import plot_circuit, plot_faithfulness_curves
 from .components import Component, Site
 from .data import DatasetError, PromptPair, PromptPairDataset
 from .embedded import DEFAULT_MODEL
+from .edges import patch_edges, patch_senders_into
+from .exact import exact_edge_scores
 from .experiment import ExperimentRun
+from .faithfulness import evaluate_circuits, faithfulness_curve
+from .graph import Channel, Edge, Graph, Node, NodeKind
+from .induction import InductionConfig, induction_dataset, known_circuit, load_induction_model
+from .iterative_paths import iterative_path_patching
 from .ioi import ioi_dataset
 from .metrics import Direction, Metric
 from .models import PatchModel, load_model
 from .patching import patch_components, patch_heads, patch_layer_pos
+from .paths import path_patch_heads
 from .plotting import plot_layer_head, plot_layer_pos, plot_sweep
 
 __version__ = "0.1.0"
@@ -30,5 +47,11 @@ __all__ = [
     "Direction", "Metric",
     "patch_components", "patch_heads", "patch_layer_pos",
     "plot_layer_head", "plot_layer_pos", "plot_sweep",
+    "Channel", "Edge", "Graph", "Node", "NodeKind",
+    "patch_edges", "patch_senders_into", "path_patch_heads",
+    "eap", "eap_ig", "exact_edge_scores", "acdc", "iterative_path_patching",
+    "Circuit", "evaluate_circuits", "faithfulness_curve", "agreement", "roc_auc",
+    "plot_circuit", "plot_faithfulness_curves",
+    "InductionConfig", "induction_dataset", "known_circuit", "load_induction_model",
     "ExperimentRun",
 ]

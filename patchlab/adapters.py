@@ -161,6 +161,15 @@ class Adapter:
         weight = module.weight if type(module).__name__ == "Conv1D" else module.weight.T
         return weight.reshape(layout.n_heads, layout.d_head, layout.d_model)
 
+    def input_head_weights(self, root, site: Site, layer: int, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
+        """The q, k or v projection split per (key/value) head: weight ``[d_model, head, d_head]``
+        and bias ``[head, d_head]`` (zeros without one), so that head h's slice of the
+        projection output is ``x @ weight[:, h] + bias[h]``."""
+        module = self.module(root, self.point(site, layer))
+        weight = module.weight if type(module).__name__ == "Conv1D" else module.weight.T  # [d_model, out]
+        bias = module.bias if getattr(module, "bias", None) is not None else torch.zeros_like(weight[0])
+        return self.view(site, weight[None], layout)[0], self.view(site, bias[None, None], layout)[0, 0]
+
     def write_point(self, site: Site, layer: int) -> HookPoint:
         """The hook point written to patch `site`: resid_mid is written through the attention branch."""
         return self.point(Site.ATTN_OUT if site is Site.RESID_MID else site, layer)

@@ -97,8 +97,8 @@ def _attribute(model, dataset, *, steps, method, metric, direction, per_position
     deltas = sender_differences(model, runs)  # node -> [prompt, pos, d_model]
     senders = list(graph.senders)
     receivers = list(graph.receivers)
-    d = torch.stack([deltas[s] for s in senders]).double()
-    g = torch.stack([grads[r] for r in receivers]).double()
+    d = torch.stack([deltas[s] for s in senders])
+    g = torch.stack([grads[r] for r in receivers])
     n_prompts = tokens.n_prompts
     if per_position:
         table = torch.einsum("sbpd,rbpd->srp", d, g) / n_prompts
@@ -107,13 +107,12 @@ def _attribute(model, dataset, *, steps, method, metric, direction, per_position
     s_index = {s: i for i, s in enumerate(senders)}
     r_index = {r: i for i, r in enumerate(receivers)}
     edges = list(graph.edges())
-    if per_position:
-        values = [table[s_index[e.sender], r_index[(e.receiver, e.channel)], e.pos] for e in edges]
-    else:
-        values = [table[s_index[e.sender], r_index[(e.receiver, e.channel)]] for e in edges]
+    rows = torch.tensor([s_index[e.sender] for e in edges])
+    cols = torch.tensor([r_index[(e.receiver, e.channel)] for e in edges])
+    values = table[rows, cols, torch.tensor([e.pos for e in edges])] if per_position else table[rows, cols]
     attrs = score_attrs(model, dataset, runs, method=method, seed=seed, per_position=int(per_position),
                         **({"ig_steps": steps} if method == "eap_ig" else {}))
-    return edge_scores(edges, torch.stack(values).numpy(), graph=graph, attrs=attrs)
+    return edge_scores(edges, values.double().numpy(), graph=graph, attrs=attrs)
 
 
 def sender_differences(model: PatchModel, runs) -> dict:
@@ -130,7 +129,7 @@ def sender_differences(model: PatchModel, runs) -> dict:
         diff = contrib(runs.source) - contrib(runs.base)
         for h in range(model.layout.n_heads):
             out[Node(NodeKind.HEAD, layer, h)] = diff[:, :, h]
-    return {k: v.float().cpu() for k, v in out.items()}
+    return {k: v.cpu() for k, v in out.items()}
 
 
 def receiver_gradients(model: PatchModel, runs, steps: int) -> dict:
@@ -161,23 +160,21 @@ def receiver_gradients(model: PatchModel, runs, steps: int) -> dict:
         logits = nnsight.save(nn.output.logits[:, -1])
     value = runs.metric(logits, runs.targets.repeat(steps)).sum()  # prompts are independent: one backward
     got = dict(zip(y, torch.autograd.grad(value, list(y.values()))))
-    mean = lambda g: g.reshape(steps, -1, *g.shape[1:]).mean(0).detach().float().cpu()
+    mean = lambda g: g.reshape(steps, -1, *g.shape[1:]).mean(0).detach().cpu()
     out = {}
     for layer in range(n):
-        norm = adapter.attn_norm_module(hf, layer)
+        # Per head: back through that head's slice of the (linear) projection, then the shared norm.
+        receivers, cotangents = [], []
         for site in (Site.Q, Site.K, Site.V):
             point = adapter.point(site, layer)
-            proj = adapter.module(hf, point)
-            view = adapter.view(site, got[point], layout)  # [batch, pos, head, d_head]
-            cot = torch.zeros(view.shape[2], *got[point].shape, dtype=got[point].dtype, device=model.device)
-            for h in range(view.shape[2]):
-                only = torch.zeros_like(view)
-                only[:, :, h] = view[:, :, h]
-                cot[h] = adapter.unview(site, torch.zeros_like(got[point]), only, layout)
-            per_head = _input_grads(lambda t: _call(proj, _call(norm, t)), x[("attn", layer)].detach(), cot)
+            weight, _ = adapter.input_head_weights(hf, site, layer, layout)  # [d_model, head, d_head]
+            g = adapter.view(site, got[point], layout)  # [batch, pos, head, d_head]
+            cotangents.append(torch.einsum("bphe,dhe->hbpd", g, weight.to(g.dtype)))
             kind = NodeKind.KV_HEAD if site is not Site.Q and layout.n_kv_heads != layout.n_heads else NodeKind.HEAD
-            for h in range(view.shape[2]):
-                out[(Node(kind, layer, h), Channel(site.value))] = mean(per_head[h])
+            receivers += [(Node(kind, layer, h), Channel(site.value)) for h in range(g.shape[2])]
+        norm = adapter.attn_norm_module(hf, layer)
+        per_head = _input_grads(lambda t: _call(norm, t), x[("attn", layer)].detach(), torch.cat(cotangents))
+        out.update({r: mean(g) for r, g in zip(receivers, per_head)})
         mlp_norm = adapter.module(hf, adapter.mlp_in_point(layer))
         g = _input_grads(lambda t: _call(mlp_norm, t), x[("mlp", layer)].detach(), got[("mlp", layer)][None])
         out[(Node(NodeKind.MLP, layer), Channel.IN)] = mean(g[0])

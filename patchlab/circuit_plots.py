@@ -29,6 +29,7 @@ changed globally. Layout and drawing need networkx and matplotlib only (no graph
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import Mapping
 
 import matplotlib.pyplot as plt
 import networkx as nx
@@ -38,11 +39,13 @@ from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+import xarray as xr
+
 from .circuit import Circuit
 from .graph import Channel, Graph, NodeKind
 from .plotting import _STYLE, _new_figure, default_title
 
-__all__ = ["plot_circuit"]
+__all__ = ["plot_circuit", "plot_faithfulness_curves"]
 
 _POSITIVE, _NEGATIVE = "#2166ac", "#b2182b"  # the blue and red ends of RdBu, as in the heatmaps
 _CHANNEL_STYLE = {  # line style, bend (arc3 rad) of an edge into this channel
@@ -215,3 +218,30 @@ def _title(circuit: Circuit, n_drawn: int, title: str | None) -> str:
         return title + (f"\n({note})" if note else "")
     head = f"circuit: {n} edge{'' if n == 1 else 's'}" + (f", {note}" if note else "")
     return "\n".join(p for p in (head, default_title(circuit.scores)) if p)
+
+
+def plot_faithfulness_curves(curves: Mapping[str, xr.Dataset], *, title: str | None = None) -> Figure:
+    """Circuit size (``n_edges``, log scale) against faithfulness, one line per method.
+
+    Args:
+        curves: method name -> `patchlab.faithfulness_curve` result.
+
+    Raises:
+        ValueError: no curves, or curves with different ablation or level settings.
+    """
+    if not curves:
+        raise ValueError("no faithfulness curves to plot")
+    settings = {(str(c.attrs.get("ablation")), str(c.attrs.get("level"))) for c in curves.values()}
+    if len(settings) > 1:
+        raise ValueError(f"curves with different ablation/level settings {sorted(settings)}: plot them separately")
+    ablation, level = settings.pop()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, curve in curves.items():
+        ax.plot(np.maximum(curve["n_edges"].values, 0.5), curve["faithfulness"].values, marker="o", ms=3, label=name)
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax.set_xscale("log")
+    ax.set_xlabel("circuit size: top-k edges by |score| (0 drawn at 0.5)")
+    ax.set_ylabel("faithfulness")
+    ax.legend(frameon=False)
+    ax.set_title(title or f"faithfulness ({level} level, {ablation} ablation)")
+    return fig

@@ -192,13 +192,17 @@ def _plan(model: PatchModel, graph: Graph, rows: Sequence[frozenset[Edge]], flip
           n_prompts: int, n_pos: int) -> dict[tuple[Node, Channel], _Key]:
     n_rows, n_layers, n_heads = len(rows), model.layout.n_layers, model.layout.n_heads
     n_senders = 1 + n_layers * (n_heads + 1)
-    masks: dict[tuple[Node, Channel], torch.Tensor] = {}
+    entries: dict[tuple[Node, Channel], list[tuple[int, int, int]]] = defaultdict(list)  # (row, pos or -1, sender)
     for r, row in enumerate(rows):
         for e in row:
-            key = (e.receiver, e.channel)
-            if key not in masks:
-                masks[key] = torch.zeros(n_rows, n_pos, n_senders)
-            masks[key][r, slice(None) if e.pos is None else e.pos, _sender_index(e.sender, n_heads)] = 1.0
+            entries[(e.receiver, e.channel)].append((r, -1 if e.pos is None else e.pos, _sender_index(e.sender, n_heads)))
+    masks: dict[tuple[Node, Channel], torch.Tensor] = {}
+    for key, items in entries.items():
+        r, p, s = torch.tensor(items).T
+        mask = masks[key] = torch.zeros(n_rows, n_pos, n_senders)
+        every_pos = p < 0
+        mask[r[every_pos], :, s[every_pos]] = 1.0
+        mask[r[~every_pos], p[~every_pos], s[~every_pos]] = 1.0
     expand = lambda t: t.repeat_interleave(n_prompts, dim=0).to(model.device)  # row r -> batch rows r*P..r*P+P-1
     keys = {}
     for key, mask in masks.items():
@@ -286,30 +290,38 @@ def _patched_input(current, source_resid, key: _Key, delta):
 
 
 def _patch_head_inputs(model: PatchModel, layer: int, resid, source_resid, receivers, keys, delta) -> None:
-    """Recompute the q/k/v projection slice of each receiver head from its own patched residual;
-    fully patched heads take the slice of the source projection."""
+    """Recompute the q/k/v slice of each receiver head from its own patched residual (all
+    partially patched channels of a projection in one batched norm and matmul); fully
+    patched heads take the slice of the source projection."""
     adapter, layout, nn, hf = model.adapter, model.layout, model.nn, model.hf
     norm = adapter.attn_norm_module(hf, layer)
+    # type(m).forward(m, x) calls the module without nnsight's hooks: a side computation.
+    normed = lambda x: type(norm).forward(norm, x)
     by_point = defaultdict(list)
     for node, channel in receivers:
         by_point[adapter.point(channel.site, layer)].append((node, channel))
     for point in sorted(by_point, key=lambda p: p.sort_key):
         proj_env = adapter.module(nn, point)
-        proj = adapter.module(hf, point)
-        # type(m).forward(m, x) calls the module without nnsight's hooks: a side computation.
-        recompute = lambda x: type(proj).forward(proj, type(norm).forward(norm, x))
         new = proj_env.output
-        source_raw = None  # the source run's projection output, computed once per point if needed
+        by_site = defaultdict(list)
         for node, channel in by_point[point]:
-            site, key = channel.site, keys[(node, channel)]
+            by_site[channel.site].append((node, keys[(node, channel)], delta.get((node, channel))))
+        for site, group in by_site.items():
+            weight, bias = adapter.input_head_weights(hf, site, layer, layout)  # [d, head, d_head], [head, d_head]
             view = adapter.view(site, new, layout).clone()
-            if key.full.any():
-                source_raw = recompute(source_resid) if source_raw is None else source_raw
-                from_source = adapter.view(site, source_raw, layout)[:, :, node.head]
-                view[:, :, node.head] = torch.where(key.full[:, None, None], from_source, view[:, :, node.head])
-            if key.partial.any():
-                x = _patched_input(resid, source_resid, key, delta.get((node, channel)))
-                patched = adapter.view(site, recompute(x), layout)[:, :, node.head]
-                view[:, :, node.head] = torch.where(key.partial[:, None, None], patched, view[:, :, node.head])
+            full = [(node, key) for node, key, _ in group if key.full.any()]
+            if full:
+                source = torch.einsum("bpd,dhe->bphe", normed(source_resid), weight) + bias
+                for node, key in full:
+                    view[:, :, node.head] = torch.where(key.full[:, None, None], source[:, :, node.head],
+                                                        view[:, :, node.head])
+            partial = [(node, key, d) for node, key, d in group if key.partial.any()]
+            if partial:
+                x = torch.stack([_patched_input(resid, source_resid, key, d) for _, key, d in partial])
+                heads = [node.head for node, _, _ in partial]
+                recomputed = torch.einsum("kbpd,kde->kbpe", normed(x), weight[:, heads].transpose(0, 1)) \
+                    + bias[heads][:, None, None, :]
+                for (node, key, _), value in zip(partial, recomputed):
+                    view[:, :, node.head] = torch.where(key.partial[:, None, None], value, view[:, :, node.head])
             new = adapter.unview(site, new, view, layout)
         proj_env.output = new

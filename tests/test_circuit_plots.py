@@ -172,3 +172,20 @@ def test_draws_into_a_given_axes_and_changes_no_global_style():
 
 def arrows_in(ax) -> list[FancyArrowPatch]:
     return [p for p in ax.patches if isinstance(p, FancyArrowPatch)]
+
+
+def test_faithfulness_curves_draw_one_line_per_method():
+    import xarray as xr
+
+    from patchlab.circuit_plots import plot_faithfulness_curves
+
+    curve = lambda values: xr.Dataset({"faithfulness": ("n_edges", np.asarray(values))},
+                                      coords={"n_edges": [0, 10, 100]}, attrs={"ablation": "resample", "level": "edge"})
+    fig = plot_faithfulness_curves({"eap": curve([0.0, 0.5, 1.0]), "acdc": curve([0.0, 0.8, 1.0])})
+    lines = [line for line in fig.axes[0].get_lines() if line.get_label() in ("eap", "acdc")]
+    assert [line.get_label() for line in lines] == ["eap", "acdc"]
+    np.testing.assert_allclose(lines[1].get_ydata(), [0.0, 0.8, 1.0])
+    other = curve([0.0, 0.1, 1.0]).assign_attrs(ablation="mean")
+    with pytest.raises(ValueError, match="different ablation"):
+        plot_faithfulness_curves({"a": curve([0, 1, 1]), "b": other})
+    plt.close("all")
