@@ -55,3 +55,17 @@ def make_wordlevel_tokenizer():
                                        bos_token="[BOS]" if bos else None)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def induction_cache(tmp_path_factory):
+    """A pytest-owned cache root, so tests never touch the user's ``~/.cache/patchlab``."""
+    return tmp_path_factory.mktemp("patchlab-cache")
+
+
+@pytest.fixture(scope="session")
+def induction_model(induction_cache):
+    """The known-circuit induction model, trained once per session (~15-25 s)."""
+    import patchlab as pl
+
+    return pl.load_induction_model(cache_dir=induction_cache, progress=False)

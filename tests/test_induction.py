@@ -38,18 +38,18 @@ K = T // 2
 
 
 @pytest.fixture(scope="session")
-def cache_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("patchlab-cache")
+def folder(induction_cache):
+    return induction_model_path(CONFIG, cache_dir=induction_cache, progress=False)
 
 
 @pytest.fixture(scope="session")
-def folder(cache_root):
-    return induction_model_path(CONFIG, cache_dir=cache_root, progress=False)
+def cache_root(induction_cache):
+    return induction_cache
 
 
 @pytest.fixture(scope="session")
-def model(folder, cache_root):
-    return load_induction_model(CONFIG, cache_dir=cache_root, progress=False)
+def model(induction_model):
+    return induction_model
 
 
 def repeated_ids(tokenizer, n: int, seed: int) -> torch.Tensor:
