@@ -23,7 +23,7 @@ import time
 import torch
 
 import patchlab as pl
-from patchlab.acdc import acdc
+from patchlab.acdc_search import acdc
 from patchlab.attribution import eap, eap_ig
 from patchlab.circuit import rank_edges
 from patchlab.exact import exact_edge_scores

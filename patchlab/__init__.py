@@ -16,7 +16,7 @@ Public API (see README.md for a tour):
 - experiment folders: `ExperimentRun`
 """
 
-from .acdc import acdc
+from .acdc_search import acdc
 from .agreement import agreement, roc_auc
 from .attribution import eap, eap_ig
 from .circuit import Circuit

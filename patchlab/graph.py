@@ -96,6 +96,13 @@ class Node:
     def __repr__(self) -> str:
         return f"Node({self.label})"
 
+    def __hash__(self) -> int:  # computed once: edge sets of big models hash nodes millions of times
+        return self._hash
+
+    @functools.cached_property
+    def _hash(self) -> int:
+        return hash((self.kind, self.layer, self.head))
+
     @classmethod
     def from_label(cls, label: str) -> "Node":
         """The node with this label ("embed", "logits", "L3.mlp", "L9H6", "L9KV2").
@@ -138,6 +145,13 @@ class Edge:
 
     def __repr__(self) -> str:
         return f"Edge({self.label})"
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    @functools.cached_property
+    def _hash(self) -> int:
+        return hash((self.sender, self.receiver, self.channel, self.pos))
 
     def with_pos(self, pos: int | None) -> "Edge":
         """The same edge at position `pos` (None: all positions)."""

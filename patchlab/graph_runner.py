@@ -123,6 +123,8 @@ def edge_patch_rows(model: PatchModel, graph: Graph, *, base_ids: torch.Tensor, 
 
 def _checked(graph: Graph, row: Sequence[Edge], n_pos: int) -> frozenset[Edge]:
     row = frozenset(row)
+    if row <= _edges(graph) and (graph.n_pos is None or graph.n_pos == n_pos):
+        return row
     for edge in row:
         if edge.sender not in _senders(graph, edge.receiver) or \
                 (edge.pos is not None and not 0 <= edge.pos < n_pos):
@@ -130,6 +132,11 @@ def _checked(graph: Graph, row: Sequence[Edge], n_pos: int) -> frozenset[Edge]:
         if edge.pos is not None and edge.with_pos(None) in row:
             raise ValueError(f"edge {edge.label} is given both at one position and at all positions")
     return row
+
+
+@functools.lru_cache(maxsize=8)
+def _edges(graph: Graph) -> frozenset[Edge]:
+    return frozenset(graph.edges())
 
 
 @functools.lru_cache(maxsize=4096)
@@ -181,33 +188,36 @@ def _source_values(model: PatchModel, source: RunCache) -> dict:
             "resid_final": source.acts[(Site.RESID_POST, n - 1)]}
 
 
-def _sender_index(node: Node, n_heads: int) -> int:
-    """Column of a sender in the dense coefficient matrix: embed, then per layer its heads and MLP."""
-    if node.kind is NodeKind.EMBED:
-        return 0
-    return 1 + node.layer * (n_heads + 1) + (n_heads if node.kind is NodeKind.MLP else node.head)
+@functools.lru_cache(maxsize=16)
+def _sender_columns(n_layers: int, n_heads: int) -> dict[Node, int]:
+    """Column of each sender in the dense coefficient matrix: embed, then per layer its heads and MLP."""
+    columns = {Node(NodeKind.EMBED): 0}
+    for layer in range(n_layers):
+        for h in range(n_heads):
+            columns[Node(NodeKind.HEAD, layer, h)] = 1 + layer * (n_heads + 1) + h
+        columns[Node(NodeKind.MLP, layer)] = 1 + layer * (n_heads + 1) + n_heads
+    return columns
 
 
 def _plan(model: PatchModel, graph: Graph, rows: Sequence[frozenset[Edge]], flipped: Sequence[frozenset],
           n_prompts: int, n_pos: int) -> dict[tuple[Node, Channel], _Key]:
     n_rows, n_layers, n_heads = len(rows), model.layout.n_layers, model.layout.n_heads
-    n_senders = 1 + n_layers * (n_heads + 1)
+    column = _sender_columns(n_layers, n_heads)
+    n_senders = len(column)
     entries: dict[tuple[Node, Channel], list[tuple[int, int, int]]] = defaultdict(list)  # (row, pos or -1, sender)
     for r, row in enumerate(rows):
         for e in row:
-            entries[(e.receiver, e.channel)].append((r, -1 if e.pos is None else e.pos, _sender_index(e.sender, n_heads)))
-    masks: dict[tuple[Node, Channel], torch.Tensor] = {}
+            entries[(e.receiver, e.channel)].append((r, -1 if e.pos is None else e.pos, column[e.sender]))
+    expand = lambda t: t.repeat_interleave(n_prompts, dim=0).to(model.device)  # row r -> batch rows r*P..r*P+P-1
+    keys = {}
     for key, items in entries.items():
         r, p, s = torch.tensor(items).T
-        mask = masks[key] = torch.zeros(n_rows, n_pos, n_senders)
+        mask = torch.zeros(n_rows, n_pos, n_senders)
         every_pos = p < 0
         mask[r[every_pos], :, s[every_pos]] = 1.0
         mask[r[~every_pos], p[~every_pos], s[~every_pos]] = 1.0
-    expand = lambda t: t.repeat_interleave(n_prompts, dim=0).to(model.device)  # row r -> batch rows r*P..r*P+P-1
-    keys = {}
-    for key, mask in masks.items():
         valid = torch.zeros(n_senders)
-        valid[[_sender_index(s, n_heads) for s in _senders(graph, key[0])]] = 1.0
+        valid[[column[s] for s in _senders(graph, key[0])]] = 1.0
         flip = torch.tensor([key in f for f in flipped])
         coef = torch.where(flip[:, None, None], mask - valid, mask)  # complement: -1 on unpatched edges
         patched = (mask > 0).flatten(1).sum(1)
@@ -215,13 +225,16 @@ def _plan(model: PatchModel, graph: Graph, rows: Sequence[frozenset[Edge]], flip
         partial = (patched > 0) & ~full
         if key[0].kind in (NodeKind.HEAD, NodeKind.KV_HEAD):
             flip = flip & ~full  # fully patched heads take the source projection directly
-        layer_cols = lambda layer: slice(1 + layer * (n_heads + 1), 1 + (layer + 1) * (n_heads + 1))
-        per_layer = {layer: coef[..., layer_cols(layer)] for layer in range(n_layers)}
+        used = coef.abs().sum((0, 1))  # [sender]: which columns carry a term
+        per_layer = coef[..., 1:].unflatten(-1, (n_layers, n_heads + 1))  # [row, pos, layer, head + mlp]
+        used_layers = used[1:].view(n_layers, n_heads + 1)
         keys[key] = _Key(
             flip=expand(flip.float()[:, None, None]), full=expand(full), partial=expand(partial),
-            embed=expand(coef[..., :1]) if coef[..., 0].any() else None,
-            heads={layer: expand(c[..., :n_heads]) for layer, c in per_layer.items() if c[..., :n_heads].any()},
-            mlps={layer: expand(c[..., n_heads:]) for layer, c in per_layer.items() if c[..., n_heads].any()})
+            embed=expand(coef[..., :1]) if used[0] > 0 else None,
+            heads={layer: expand(per_layer[:, :, layer, :n_heads])
+                   for layer in used_layers[:, :n_heads].sum(1).nonzero().flatten().tolist()},
+            mlps={layer: expand(per_layer[:, :, layer, n_heads:])
+                  for layer in used_layers[:, n_heads].nonzero().flatten().tolist()})
     return keys
 
 

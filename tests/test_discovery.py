@@ -11,7 +11,7 @@ import torch
 import xarray as xr
 
 import patchlab as pl
-from patchlab.acdc import acdc
+from patchlab.acdc_search import acdc
 from patchlab.agreement import agreement, roc_auc
 from patchlab.circuit import Circuit, edge_scores, rank_edges
 from patchlab.exact import exact_edge_scores
@@ -180,7 +180,7 @@ def test_acdc_extremes_and_candidates(setup):
 def test_acdc_resumes_from_its_checkpoint(setup, tmp_path, monkeypatch):
     model, dataset, _, _ = setup
     path = tmp_path / "acdc.json"
-    import patchlab.acdc as acdc_module
+    import patchlab.acdc_search as acdc_module
 
     real, saves = acdc_module._save, []
 

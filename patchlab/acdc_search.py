@@ -85,9 +85,9 @@ def acdc(model: PatchModel, dataset: PromptPairDataset, *, tau: float = 0.01, me
     state = _load(checkpoint, key)
     if state is None:
         removed = set(every) - allowed
-        state = {"key": key, "done": 0, "removed": sorted(e.label for e in removed), "scores": {},
+        state = {"key": key, "done": 0, "kept": sorted(e.label for e in allowed), "scores": {},
                  "current": evaluate(removed)}
-    removed = {Edge.from_label(lab) for lab in state["removed"]}
+    removed = set(every) - {Edge.from_label(lab) for lab in state["kept"]}
     scores: dict[str, float] = state["scores"]
     receivers = list(reversed(graph.receivers))
     into, out_of = defaultdict(list), defaultdict(list)
@@ -100,6 +100,7 @@ def acdc(model: PatchModel, dataset: PromptPairDataset, *, tau: float = 0.01, me
     for i in range(state["done"], len(receivers)):
         receiver, channel = receivers[i]
         incoming = [e for e in into[(receiver, channel)] if e not in removed]
+        changed = bool(incoming)
         if not _has_output(graph, receiver, removed, out_of):
             removed |= set(incoming)  # nothing downstream reads it
             bar.update(len(incoming))
@@ -112,7 +113,9 @@ def acdc(model: PatchModel, dataset: PromptPairDataset, *, tau: float = 0.01, me
                 removed.add(edge)
                 state["current"] = new
             bar.update(1)
-        state.update(done=i + 1, removed=sorted(e.label for e in removed), scores=scores)
+        if changed and checkpoint is not None:
+            state.update(kept=sorted(e.label for e in allowed - removed), scores=scores)
+        state["done"] = i + 1
         _save(checkpoint, state)
     bar.close()
     values = np.asarray([scores.get(e.label, 0.0) for e in every])
