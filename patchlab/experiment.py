@@ -160,6 +160,12 @@ class ExperimentRun:
         self.facts.setdefault("dataset_sha256", dataset.sha256())
         return self._written(path)
 
+    def save_json(self, obj: Any, name: str) -> Path:
+        """Write a JSON-able object to ``<name>.json``, atomically (e.g. ``circuit.to_json()``)."""
+        path = self._out(f"{name}.json")
+        atomic_write_text(path, json.dumps(obj, indent=1, default=str) + "\n")
+        return self._written(path)
+
     def record(self, **facts: Any) -> None:
         """Add facts to the manifest (model id and hash, baselines, ...)."""
         self.facts.update({k: _plain(v) for k, v in facts.items()})

@@ -21,7 +21,7 @@ from patchlab.metrics import Metric, Targets
 
 from .reference_graph import _edge_run, reference_contributions, reference_edge_patched_logits
 from .test_edges_exact import ref_edge
-from .test_patching_exact import TOL, random_pairs
+from .test_patching_exact import ALL_FAMILIES, TOL, random_pairs
 from .tiny_models import tiny_model, tiny_tokenizer
 
 
@@ -251,3 +251,23 @@ def test_roc_auc_by_hand():
     assert roc_auc(scores, [edges[2], edges[3]]) == pytest.approx(2 / 6)  # 0.1 beats 0.0; 0.5 beats 0.1, 0.0
     with pytest.raises(ValueError, match="ROC AUC"):
         roc_auc(scores, [Edge.from_label("L1H1->logits")])
+
+
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_every_algorithm_runs_on_every_family(family):
+    """EAP/EAP-IG and edge patching are checked against references on every family elsewhere;
+    here every algorithm that builds on them runs end to end and keeps its invariants."""
+    hf = tiny_model(family)
+    model = pl.load_model(hf, tokenizer=tiny_tokenizer(hf.config.vocab_size), model_id=f"tiny-{family}")
+    dataset = random_pairs(hf.config.vocab_size)
+    graph = Graph.from_model(model)
+    scores = pl.eap_ig(model, dataset, steps=2)
+    top = rank_edges(scores)[:10]
+    exact = exact_edge_scores(model, dataset, edges=top, progress=False)
+    assert np.isfinite(exact["score"].values).all() and agreement(scores, exact).attrs["n_edges"] == 10
+    curve = faithfulness_curve(model, dataset, scores, sizes=[0, graph.n_edges], progress=False)
+    np.testing.assert_allclose(curve["faithfulness"].values, [0.0, 1.0], atol=1e-4)
+    circuit = acdc(model, dataset, tau=0.05, candidates=top, progress=False)
+    assert circuit.edges <= set(top) and circuit.scores.attrs["n_evaluated"] <= 10
+    found = pl.iterative_path_patching(model, dataset, threshold=0.2, max_depth=2, progress=False)
+    assert all(e.sender in graph.senders_into(e.receiver) for e in found.edges)

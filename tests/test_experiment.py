@@ -288,3 +288,10 @@ def test_config_from_args():
     assert config_from_args(Config, ["--n-prompts", "3", "--order", "BABA"]) == Config(n_prompts=3, order="BABA")
     with pytest.raises(SystemExit):
         config_from_args(Config, ["--n-prompts", "three"])
+
+
+def test_save_json_is_recorded_in_the_manifest(tmp_path):
+    with pl.ExperimentRun("exp", root=tmp_path, config={}, seed=0, run_id="j", command=["x"]) as run:
+        path = run.save_json({"edges": ["L1H2->logits"]}, "circuit")
+    assert json.loads(path.read_text()) == {"edges": ["L1H2->logits"]}
+    assert json.loads((run.path / "manifest.json").read_text())["files"] == {"circuit.json": sha256(path)}
