@@ -5,9 +5,12 @@ Interpretability" (arXiv 2304.14997). Start from the full graph on the clean
 prompts. Walk the receivers in reverse topological order (logits first); for each
 incoming edge (senders latest first), patch it to the corrupted run on top of the
 edges already removed; if the metric moves by less than ``tau``, remove the edge for
-good. With the default metric, KL divergence of the output from the clean output
-(nats), an edge is removed when the KL grows by less than tau; for any other metric
-when ``|m(new) - m(current)| < tau`` (metric units). A receiver none of whose
+good. As in Conmy et al.'s code, the test is one-sided: with the default metric, KL
+divergence of the output from the clean output (nats), an edge is removed when the
+KL grows by less than tau; with a metric where higher is better (logit difference,
+log-probability, probability) when it falls by less than tau, so an edge whose
+removal raises the metric always goes. ``abs_threshold=True`` uses
+``|m(new) - m(current)| < tau`` instead. A receiver none of whose
 outputs is still in the circuit loses its incoming edges without evaluation.
 
 Each evaluation is one exact edge-patching pass (`patchlab.graph_runner`), so ACDC
@@ -42,7 +45,8 @@ __all__ = ["acdc"]
 
 
 def acdc(model: PatchModel, dataset: PromptPairDataset, *, tau: float = 0.01, metric: Metric | str = Metric.KL,
-         candidates: Iterable[Edge] | None = None, per_position: bool = False, seed: int | None = None,
+         candidates: Iterable[Edge] | None = None, per_position: bool = False, abs_threshold: bool = False,
+         seed: int | None = None,
          checkpoint: str | os.PathLike | None = None, progress: bool = True, memory_mb: float = 1024) -> Circuit:
     """Prune the graph to a circuit with ACDC (resample ablation, edge level).
 
@@ -51,6 +55,7 @@ def acdc(model: PatchModel, dataset: PromptPairDataset, *, tau: float = 0.01, me
         metric: KL to the clean output (default) or any `Metric`.
         candidates: edges the search may keep (default: every edge); the rest start removed.
         per_position: search over token-specific edges (``Graph.from_model(model, n_pos=...)``).
+        abs_threshold: remove an edge when the metric moves by less than tau either way.
         seed: recorded in attrs (ACDC is deterministic).
         checkpoint: a JSON file written after every receiver; a rerun with the same
             file and arguments resumes from it.
@@ -74,7 +79,7 @@ def acdc(model: PatchModel, dataset: PromptPairDataset, *, tau: float = 0.01, me
         bad = sorted(allowed - set(every))[:3]
         raise ValueError(f"candidate edges {[e.label for e in bad]} are not edges of this model's graph"
                          + (" (per_position=True needs token-specific edges)" if per_position else ""))
-    key = _search_key(model, dataset, runs.metric, tau, per_position, allowed)
+    key = _search_key(model, dataset, runs.metric, tau, (per_position, abs_threshold), allowed)
 
     def evaluate(removed: set[Edge]) -> float:
         values = edge_patch_rows(model, graph, base_ids=runs.base_ids, base=runs.base, source=runs.source,
@@ -109,7 +114,8 @@ def acdc(model: PatchModel, dataset: PromptPairDataset, *, tau: float = 0.01, me
             new = evaluate(removed | {edge})
             change = new - state["current"]
             scores[edge.label] = change
-            if (change if kl else abs(change)) < tau:
+            harm = abs(change) if abs_threshold else change if kl else -change  # KL: lower is better
+            if harm < tau:
                 removed.add(edge)
                 state["current"] = new
             bar.update(1)
@@ -121,6 +127,7 @@ def acdc(model: PatchModel, dataset: PromptPairDataset, *, tau: float = 0.01, me
     values = np.asarray([scores.get(e.label, 0.0) for e in every])
     evaluated = np.asarray([e.label in scores for e in every], dtype=np.int8)
     attrs = score_attrs(model, dataset, runs, method="acdc", seed=seed, tau=tau, per_position=int(per_position),
+                        abs_threshold=int(abs_threshold),
                         n_candidates=len(allowed), n_evaluated=int(evaluated.sum()), metric_final=state["current"],
                         ablation="resample", level="edge")
     ds = edge_scores(every, values, graph=graph, attrs=attrs, evaluated=evaluated)
