@@ -36,10 +36,11 @@ from .components import Site
 from .circuit import edge_scores, score_attrs
 from .data import PromptPairDataset
 from .graph import Channel, Graph, Node, NodeKind
-from .graph_runner import graph_cache_sites, head_contributions
-from .metrics import Direction, Metric
+from .graph_runner import head_contributions
+from .metrics import Direction, Metric, Targets, get_metric
 from .models import PatchModel
-from .patching import prepare_runs, tokenize_for
+from .patching import Runs, tokenize_for
+from .runner import RunCache, cache_runs
 
 __all__ = ["eap", "eap_ig"]
 
@@ -91,20 +92,38 @@ def eap_ig(model: PatchModel, dataset: PromptPairDataset, *, steps: int = 5, met
 
 def _attribute(model, dataset, *, steps, method, metric, direction, per_position, seed) -> xr.Dataset:
     tokens = tokenize_for(model, dataset)
-    runs = prepare_runs(model, tokens, graph_cache_sites(model), metric, direction)
+    metric, direction = get_metric(metric), Direction(direction)
+    noising = direction is Direction.NOISING
+    base_ids, source_ids = (tokens.clean_ids, tokens.corrupted_ids) if noising else (tokens.corrupted_ids, tokens.clean_ids)
+    (source,) = cache_runs(model, [source_ids], _sender_sites(model))
+    # The gradient pass is also the base run (its alpha = 0 rows): two forward passes in all.
+    grads, base, targets = receiver_gradients(model, base_ids, source, tokens, metric, steps, clean_is_base=noising)
+    clean, corrupted = (base, source) if noising else (source, base)
+    runs = Runs(metric, direction, targets, base_ids, base, source,
+                {"metric": metric, "direction": direction, "clean": metric(clean.logits, targets).cpu(),
+                 "corrupted": metric(corrupted.logits, targets).cpu()})
     graph = Graph.from_model(model, n_pos=tokens.n_pos if per_position else None)
-    grads = receiver_gradients(model, runs, steps)  # (node, channel) -> [prompt, pos, d_model]
     deltas = sender_differences(model, runs)  # node -> [prompt, pos, d_model]
     senders = list(graph.senders)
     receivers = list(graph.receivers)
-    d = torch.stack([deltas[s] for s in senders])
-    g = torch.stack([grads[r] for r in receivers])
-    n_prompts = tokens.n_prompts
-    if per_position:
-        table = torch.einsum("sbpd,rbpd->srp", d, g) / n_prompts
-    else:
-        table = torch.einsum("sbpd,rbpd->sr", d, g) / n_prompts
+    d = torch.stack([deltas[s] for s in senders])  # [sender, prompt, pos, d_model]
+    g = torch.stack([grads[r] for r in receivers])  # [receiver, prompt, pos, d_model]
+    # score[s, r(, pos)] = sum over prompts (and positions) of d[s] . g[r] / n_prompts. Only senders
+    # before a receiver reach it: receivers come in topological order, so each run of receivers
+    # with the same senders is a contiguous block, one matmul each.
+    d = d.permute(2, 0, 1, 3).flatten(2) if per_position else d.flatten(1)[None]  # [pos or 1, sender, n]
+    g = g.permute(2, 0, 1, 3).flatten(2) if per_position else g.flatten(1)[None]  # [pos or 1, receiver, n]
     s_index = {s: i for i, s in enumerate(senders)}
+    reach = [max(s_index[s] for s in graph.senders_into(node)) + 1 for node, _ in receivers]
+    table = torch.zeros(d.shape[0], len(senders), len(receivers), dtype=d.dtype)
+    start = 0
+    for j in range(1, len(receivers) + 1):
+        if j == len(receivers) or reach[j] != reach[start]:
+            table[:, :reach[start], start:j] = d[:, :reach[start]] @ g[:, start:j].transpose(1, 2)
+            start = j
+    table = (table / tokens.n_prompts).permute(1, 2, 0)  # [sender, receiver, pos or 1]
+    if not per_position:
+        table = table[..., 0]
     r_index = {r: i for i, r in enumerate(receivers)}
     edges = list(graph.edges())
     rows = torch.tensor([s_index[e.sender] for e in edges])
@@ -132,33 +151,53 @@ def sender_differences(model: PatchModel, runs) -> dict:
     return {k: v.cpu() for k, v in out.items()}
 
 
-def receiver_gradients(model: PatchModel, runs, steps: int) -> dict:
+def _sender_sites(model: PatchModel) -> set[tuple[Site, int]]:
+    n = model.layout.n_layers
+    return {(Site.RESID_PRE, 0)} | {(s, layer) for layer in range(n) for s in (Site.HEAD, Site.MLP_OUT)}
+
+
+def receiver_gradients(model: PatchModel, base_ids: torch.Tensor, source: RunCache, tokens, metric: Metric,
+                       steps: int, *, clean_is_base: bool) -> tuple[dict, RunCache, Targets]:
     """``d m / d x_{r,c}`` of every receiver channel, ``[prompt, pos, d_model]``, averaged
-    over `steps` points ``alpha = k / steps`` between the base (0) and source (1) embeddings."""
+    over `steps` points ``alpha = k / steps`` between the base (0) and source (1) embeddings.
+
+    Also returns the base run (the alpha = 0 rows: sender activations and logits, as a
+    `RunCache`) and the metric's targets (clean log-probabilities from the clean run)."""
     adapter, layout, nn, hf = model.adapter, model.layout, model.nn, model.hf
-    n = layout.n_layers
-    base_embed, source_embed = (run.acts[(Site.RESID_PRE, 0)].to(model.device) for run in (runs.base, runs.source))
-    alpha = (torch.arange(steps, dtype=base_embed.dtype, device=model.device) / steps)[:, None, None, None]
-    embed = (base_embed + alpha * (source_embed - base_embed)).flatten(0, 1).requires_grad_(True)
-    ids = runs.base_ids.repeat(steps, 1).to(model.device)
+    n, n_prompts = layout.n_layers, base_ids.shape[0]
+    source_embed = source.acts[(Site.RESID_PRE, 0)].to(model.device).repeat(steps, 1, 1)
+    alpha = (torch.arange(steps, device=model.device) / steps).repeat_interleave(n_prompts)[:, None, None]
+    ids = base_ids.repeat(steps, 1).to(model.device)
     head_points = sorted({adapter.point(site, layer) for layer in range(n) for site in (Site.Q, Site.K, Site.V)},
                          key=lambda p: p.sort_key)
-    # Forward with gradients: inputs (x) and outputs (y) of every receiver's norm/projection.
+    # Forward with gradients: inputs (x) and outputs (y) of every receiver's norm/projection,
+    # and the sender activations (acts) of the base run.
     with torch.enable_grad(), nn.trace(ids, logits_to_keep=1):
-        adapter.block(nn, 0).input = embed
-        x, y = nnsight.save({}), nnsight.save({})  # only saved values leave the trace
+        x, y, acts = nnsight.save({}), nnsight.save({}), nnsight.save({})  # only saved values leave the trace
+        block0 = adapter.block(nn, 0)
+        embed = block0.input
+        acts[(Site.RESID_PRE, 0)] = embed[:n_prompts].detach().clone()
+        # A leaf that requires grad: the weights are frozen.
+        block0.input = (embed + alpha.to(embed.dtype) * (source_embed - embed)).detach().requires_grad_(True)
         for layer in range(n):
             x[("attn", layer)] = nnsight.save(adapter.block(nn, layer).input)
             for point in (p for p in head_points if p.layer == layer):
                 y[point] = nnsight.save(adapter.module(nn, point).output)
+            z = adapter.module(nn, adapter.point(Site.HEAD, layer)).input
+            acts[(Site.HEAD, layer)] = adapter.view(Site.HEAD, z[:n_prompts].detach(), layout).clone()
             mlp_norm = adapter.module(nn, adapter.mlp_in_point(layer))
             x[("mlp", layer)] = nnsight.save(mlp_norm.input)
             y[("mlp", layer)] = nnsight.save(mlp_norm.output)
+            acts[(Site.MLP_OUT, layer)] = adapter.module(nn, adapter.point(Site.MLP_OUT, layer)).output[:n_prompts].detach().clone()
         final = adapter.final_norm_module(nn)
         x["final"] = nnsight.save(final.input)
         y["final"] = nnsight.save(final.output)
         logits = nnsight.save(nn.output.logits[:, -1])
-    value = runs.metric(logits, runs.targets.repeat(steps)).sum()  # prompts are independent: one backward
+    base = RunCache(acts=dict(acts), logits=logits[:n_prompts].detach())
+    clean_logits = base.logits if clean_is_base else source.logits
+    targets = Targets(correct=tokens.correct_ids, incorrect=tokens.incorrect_ids,
+                      clean_logprobs=torch.log_softmax(clean_logits.float(), dim=-1))
+    value = metric(logits, targets.repeat(steps)).sum()  # prompts are independent: one backward
     got = dict(zip(y, torch.autograd.grad(value, list(y.values()))))
     mean = lambda g: g.reshape(steps, -1, *g.shape[1:]).mean(0).detach().cpu()
     out = {}
@@ -181,7 +220,7 @@ def receiver_gradients(model: PatchModel, runs, steps: int) -> dict:
     final = adapter.final_norm_module(hf)
     g = _input_grads(lambda t: _call(final, t), x["final"].detach(), got["final"][None])
     out[(Node(NodeKind.LOGITS), Channel.IN)] = mean(g[0])
-    return out
+    return out, base, targets
 
 
 def _call(module, x):
@@ -190,10 +229,8 @@ def _call(module, x):
 
 
 def _input_grads(fn: Callable, x: torch.Tensor, cotangents: torch.Tensor) -> torch.Tensor:
-    """Vector-Jacobian products of `fn` at `x` for each cotangent: ``[n, *x.shape]``."""
-    n = cotangents.shape[0]
-    xs = x.repeat(n, *([1] * (x.dim() - 1))).requires_grad_(True)
+    """Vector-Jacobian products of `fn` at `x` for each cotangent: ``[n, *x.shape]``
+    (one forward, the backward vectorised over the cotangents)."""
     with torch.enable_grad():
-        y = fn(xs)
-    (g,) = torch.autograd.grad(y, xs, cotangents.reshape(n * cotangents.shape[1], *cotangents.shape[2:]))
-    return g.reshape(n, *x.shape)
+        _, vjp = torch.func.vjp(fn, x)
+        return torch.vmap(vjp)(cotangents)[0]

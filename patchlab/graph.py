@@ -85,7 +85,7 @@ class Node:
     def __lt__(self, other: "Node") -> bool:
         return self.sort_key < other.sort_key
 
-    @property
+    @functools.cached_property
     def label(self) -> str:
         if self.kind in (NodeKind.EMBED, NodeKind.LOGITS):
             return self.kind.value
@@ -138,7 +138,7 @@ class Edge:
     def __lt__(self, other: "Edge") -> bool:
         return self.sort_key < other.sort_key
 
-    @property
+    @functools.cached_property
     def label(self) -> str:
         into = self.receiver.label + ("" if self.channel is Channel.IN else f".{self.channel.value}")
         return f"{self.sender.label}->{into}" + ("" if self.pos is None else f"@{self.pos}")
@@ -255,11 +255,7 @@ class Graph:
 
     def edges(self) -> Iterator[Edge]:
         """Every edge, in topological order (by receiver, channel, sender, position)."""
-        positions = [None] if self.n_pos is None else range(self.n_pos)
-        for receiver, channel in self.receivers:
-            for sender in self.senders_into(receiver):
-                for pos in positions:
-                    yield Edge(sender, receiver, channel, pos)
+        return iter(_all_edges(self))
 
     @functools.cached_property
     def n_edges(self) -> int:
@@ -278,3 +274,12 @@ class Graph:
             graph.add_edge(edge.sender.label, edge.receiver.label, key=key, channel=edge.channel.value,
                            pos=edge.pos, label=edge.label)
         return graph
+
+
+@functools.lru_cache(maxsize=8)
+def _all_edges(graph: Graph) -> tuple[Edge, ...]:
+    """The edges of a graph, built once per layout (a pure function of the frozen graph),
+    so that repeated sweeps reuse the same Edge objects with their cached labels and hashes."""
+    positions = [None] if graph.n_pos is None else range(graph.n_pos)
+    return tuple(Edge(sender, receiver, channel, pos) for receiver, channel in graph.receivers
+                 for sender in graph.senders_into(receiver) for pos in positions)
