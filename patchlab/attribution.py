@@ -113,8 +113,7 @@ def _attribute(model, dataset, *, steps, method, metric, direction, per_position
     # with the same senders is a contiguous block, one matmul each.
     d = d.permute(2, 0, 1, 3).flatten(2) if per_position else d.flatten(1)[None]  # [pos or 1, sender, n]
     g = g.permute(2, 0, 1, 3).flatten(2) if per_position else g.flatten(1)[None]  # [pos or 1, receiver, n]
-    s_index = {s: i for i, s in enumerate(senders)}
-    reach = [max(s_index[s] for s in graph.senders_into(node)) + 1 for node, _ in receivers]
+    reach = [len(graph.senders_into(node)) for node, _ in receivers]  # a receiver's senders: a prefix
     table = torch.zeros(d.shape[0], len(senders), len(receivers), dtype=d.dtype)
     start = 0
     for j in range(1, len(receivers) + 1):
@@ -124,11 +123,16 @@ def _attribute(model, dataset, *, steps, method, metric, direction, per_position
     table = (table / tokens.n_prompts).permute(1, 2, 0)  # [sender, receiver, pos or 1]
     if not per_position:
         table = table[..., 0]
-    r_index = {r: i for i, r in enumerate(receivers)}
+    # Graph.edges() order: receiver, then sender, then position.
+    reach = torch.tensor(reach)
+    rows = torch.cat([torch.arange(r) for r in reach.tolist()])
+    cols = torch.arange(len(receivers)).repeat_interleave(reach)
+    if per_position:
+        n_pos = tokens.n_pos
+        values = table[rows.repeat_interleave(n_pos), cols.repeat_interleave(n_pos), torch.arange(n_pos).repeat(len(rows))]
+    else:
+        values = table[rows, cols]
     edges = list(graph.edges())
-    rows = torch.tensor([s_index[e.sender] for e in edges])
-    cols = torch.tensor([r_index[(e.receiver, e.channel)] for e in edges])
-    values = table[rows, cols, torch.tensor([e.pos for e in edges])] if per_position else table[rows, cols]
     attrs = score_attrs(model, dataset, runs, method=method, seed=seed, per_position=int(per_position),
                         **({"ig_steps": steps} if method == "eap_ig" else {}))
     return edge_scores(edges, values.double().numpy(), graph=graph, attrs=attrs)

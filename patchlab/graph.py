@@ -244,14 +244,24 @@ class Graph:
         Raises:
             ValueError: a node that receives nothing (embed) or is not in this graph.
         """
-        if receiver.kind is NodeKind.EMBED or receiver not in self.nodes:
-            raise ValueError(f"{receiver.label} is not a receiver of this graph")
-        if receiver.kind is NodeKind.LOGITS:
-            return self.senders
-        reads_layer_heads = receiver.kind is NodeKind.MLP and not self.parallel_residual
-        return tuple(s for s in self.senders
-                     if s.kind is NodeKind.EMBED or s.layer < receiver.layer
-                     or (reads_layer_heads and s.kind is NodeKind.HEAD and s.layer == receiver.layer))
+        try:
+            return self._senders_into[receiver]
+        except KeyError:
+            raise ValueError(f"{receiver.label} is not a receiver of this graph") from None
+
+    @functools.cached_property
+    def _senders_into(self) -> dict[Node, tuple[Node, ...]]:
+        """Every receiver's senders: always a prefix of `senders` (topological order)."""
+        out = {}
+        for receiver in {node for node, _ in self.receivers}:
+            if receiver.kind is NodeKind.LOGITS:
+                out[receiver] = self.senders
+                continue
+            reads_layer_heads = receiver.kind is NodeKind.MLP and not self.parallel_residual
+            out[receiver] = tuple(s for s in self.senders
+                                  if s.kind is NodeKind.EMBED or s.layer < receiver.layer
+                                  or (reads_layer_heads and s.kind is NodeKind.HEAD and s.layer == receiver.layer))
+        return out
 
     def edges(self) -> Iterator[Edge]:
         """Every edge, in topological order (by receiver, channel, sender, position)."""

@@ -108,6 +108,18 @@ def test_mean_ablation_patches_the_mean_corrupted_contributions(setup):
     np.testing.assert_allclose(ds["metric"].values[0], expected.numpy(), atol=TOL)
 
 
+def test_token_specific_circuit_ablates_per_position(setup):
+    model, dataset, tokens, _ = setup
+    graph = Graph.from_model(model, n_pos=tokens.n_pos)
+    every = list(graph.edges())
+    keep = [e for e in every if e.pos == tokens.n_pos - 1 and e.receiver.kind is NodeKind.LOGITS] + every[:40:7]
+    circuit = Circuit(graph, keep, edge_scores(every, np.ones(len(every)), graph=graph))
+    ds = evaluate_circuits(model, dataset, [circuit], progress=False)
+    assert ds.attrs["token_specific"] == 1
+    expected = ref_metric(model, tokens, [e for e in every if e not in set(keep)])
+    np.testing.assert_allclose(ds["metric"].values[0], expected.numpy(), atol=TOL)
+
+
 def test_node_level_ablates_every_edge_out_of_the_other_senders(setup):
     model, dataset, tokens, graph = setup
     every = list(graph.edges())

@@ -63,16 +63,6 @@ def some_edge_sets(graph: Graph, n_pos: int, seed: int = 0) -> list[tuple[Edge, 
     return [()] + singles + token_specific + [all_into_mlp] + mixed
 
 
-@pytest.mark.parametrize("direction", ["noising", "denoising"])
-def test_edge_sets_equal_reference(setup, direction):
-    model, dataset, tokens, graph = setup
-    edge_sets = some_edge_sets(graph, tokens.n_pos)
-    ds = patch_edges(model, dataset, edge_sets, direction=direction, progress=False)
-    expected = reference_values(model, tokens, edge_sets, direction)
-    got = torch.from_numpy(ds.patched.values)
-    assert torch.allclose(got, expected, atol=TOL, rtol=0), (got - expected).abs().max()
-
-
 def large_edge_sets(graph: Graph, n_pos: int, seed: int = 1) -> list[tuple[Edge, ...]]:
     """Sets with most edges patched (the complement form): all edges but a few, all
     edges into one head channel but one, and token-specific complements."""
@@ -87,9 +77,10 @@ def large_edge_sets(graph: Graph, n_pos: int, seed: int = 1) -> list[tuple[Edge,
 
 
 @pytest.mark.parametrize("direction", ["noising", "denoising"])
-def test_large_edge_sets_equal_reference(setup, direction):
+@pytest.mark.parametrize("make_sets", [some_edge_sets, large_edge_sets], ids=["small", "large"])
+def test_edge_sets_equal_reference(setup, direction, make_sets):
     model, dataset, tokens, graph = setup
-    edge_sets = large_edge_sets(graph, tokens.n_pos)
+    edge_sets = make_sets(graph, tokens.n_pos)
     ds = patch_edges(model, dataset, edge_sets, direction=direction, progress=False)
     expected = reference_values(model, tokens, edge_sets, direction)
     got = torch.from_numpy(ds.patched.values)
