@@ -6,12 +6,13 @@
 2. Exact scoring of a random sample of edges (one patched row per edge), against
    as many plain forward passes of the batch (the floor for any method that
    reruns the model once per edge); the time for every edge is extrapolated.
-3. ACDC wall time on SmolLM2 for IOI (KL, over the top candidates of EAP-IG).
+3. ACDC wall time on SmolLM2 for IOI, as in experiments/ioi_circuit.py (logit
+   difference, tau 0.05, over the top 300 EAP-IG edges).
 
 Models: a GPT-2-small-shaped model (random weights: only shapes matter for time)
 and SmolLM2-135M. Not a test: compare the ratios of one run, not times across runs.
 
-    python bench/bench_circuits.py [--prompts 8] [--sample 64] [--acdc-candidates 100] [--skip-smollm2]
+    python bench/bench_circuits.py [--prompts 8] [--sample 64] [--acdc-candidates 300] [--skip-smollm2]
 """
 
 from __future__ import annotations
@@ -79,9 +80,10 @@ def bench_acdc(model: pl.PatchModel, n_prompts: int, candidates: int) -> None:
     dataset = pl.ioi_dataset(model.tokenizer, n_prompts=n_prompts, corruption="abc", seed=0)
     scores, t_ig = timed(lambda: eap_ig(model, dataset, steps=5))
     top = rank_edges(scores)[:candidates]
-    circuit, t_acdc = timed(lambda: acdc(model, dataset, tau=0.01, candidates=top, progress=False))
+    circuit, t_acdc = timed(lambda: acdc(model, dataset, tau=0.05, metric="logit_diff", candidates=top,
+                                         progress=False))
     n = circuit.scores.attrs["n_evaluated"]
-    print(f"  ACDC on IOI (KL, tau 0.01) over the top {candidates} EAP-IG edges: {t_acdc:7.2f} s, {n} evaluations "
+    print(f"  ACDC on IOI (logit diff, tau 0.05) over the top {candidates} EAP-IG edges: {t_acdc:7.2f} s, {n} evaluations "
           f"({t_acdc / max(n, 1):.3f} s each), {len(circuit)} edges kept; EAP-IG for the candidates {t_ig:.2f} s")
 
 
@@ -89,7 +91,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--sample", type=int, default=64)
-    parser.add_argument("--acdc-candidates", type=int, default=100)
+    parser.add_argument("--acdc-candidates", type=int, default=300)
     parser.add_argument("--skip-smollm2", action="store_true")
     args = parser.parse_args()
     torch.manual_seed(0)

@@ -104,38 +104,36 @@ def _attribute(model, dataset, *, steps, method, metric, direction, per_position
                  "corrupted": metric(corrupted.logits, targets).cpu()})
     graph = Graph.from_model(model, n_pos=tokens.n_pos if per_position else None)
     deltas = sender_differences(model, runs)  # node -> [prompt, pos, d_model]
-    senders = list(graph.senders)
-    receivers = list(graph.receivers)
-    d = torch.stack([deltas[s] for s in senders])  # [sender, prompt, pos, d_model]
-    g = torch.stack([grads[r] for r in receivers])  # [receiver, prompt, pos, d_model]
-    # score[s, r(, pos)] = sum over prompts (and positions) of d[s] . g[r] / n_prompts. Only senders
-    # before a receiver reach it: receivers come in topological order, so each run of receivers
-    # with the same senders is a contiguous block, one matmul each.
-    d = d.permute(2, 0, 1, 3).flatten(2) if per_position else d.flatten(1)[None]  # [pos or 1, sender, n]
-    g = g.permute(2, 0, 1, 3).flatten(2) if per_position else g.flatten(1)[None]  # [pos or 1, receiver, n]
-    reach = [len(graph.senders_into(node)) for node, _ in receivers]  # a receiver's senders: a prefix
-    table = torch.zeros(d.shape[0], len(senders), len(receivers), dtype=d.dtype)
-    start = 0
-    for j in range(1, len(receivers) + 1):
-        if j == len(receivers) or reach[j] != reach[start]:
-            table[:, :reach[start], start:j] = d[:, :reach[start]] @ g[:, start:j].transpose(1, 2)
-            start = j
-    table = (table / tokens.n_prompts).permute(1, 2, 0)  # [sender, receiver, pos or 1]
-    if not per_position:
-        table = table[..., 0]
-    # Graph.edges() order: receiver, then sender, then position.
-    reach = torch.tensor(reach)
-    rows = torch.cat([torch.arange(r) for r in reach.tolist()])
-    cols = torch.arange(len(receivers)).repeat_interleave(reach)
-    if per_position:
-        n_pos = tokens.n_pos
-        values = table[rows.repeat_interleave(n_pos), cols.repeat_interleave(n_pos), torch.arange(n_pos).repeat(len(rows))]
-    else:
-        values = table[rows, cols]
+    d = torch.stack([deltas[s] for s in graph.senders])  # [sender, prompt, pos, d_model]
+    g = torch.stack([grads[r] for r in graph.receivers])  # [receiver, prompt, pos, d_model]
+    values = _edge_values(graph, d, g, per_position) / tokens.n_prompts
     edges = list(graph.edges())
     attrs = score_attrs(model, dataset, runs, method=method, seed=seed, per_position=int(per_position),
                         **({"ig_steps": steps} if method == "eap_ig" else {}))
     return edge_scores(edges, values.double().numpy(), graph=graph, attrs=attrs)
+
+
+def _edge_values(graph: Graph, d: torch.Tensor, g: torch.Tensor, per_position: bool) -> torch.Tensor:
+    """``sum over prompts (and positions) of d[sender] . g[receiver]`` for every edge, in
+    `Graph.edges` order (receiver, sender, position)."""
+    n_pos = d.shape[2]
+    d = d.permute(2, 0, 1, 3).flatten(2) if per_position else d.flatten(1)[None]  # [pos or 1, sender, n]
+    g = g.permute(2, 0, 1, 3).flatten(2) if per_position else g.flatten(1)[None]  # [pos or 1, receiver, n]
+    # A receiver's senders are a prefix of the senders, and receivers come in topological order:
+    # each run of receivers with the same senders is one matmul.
+    reach = [len(graph.senders_into(node)) for node, _ in graph.receivers]
+    table = torch.zeros(d.shape[0], d.shape[1], g.shape[1], dtype=d.dtype)
+    start = 0
+    for j in range(1, len(reach) + 1):
+        if j == len(reach) or reach[j] != reach[start]:
+            table[:, :reach[start], start:j] = d[:, :reach[start]] @ g[:, start:j].transpose(1, 2)
+            start = j
+    rows = torch.cat([torch.arange(r) for r in reach])
+    cols = torch.arange(len(reach)).repeat_interleave(torch.tensor(reach))
+    if not per_position:
+        return table[0, rows, cols]
+    pos = torch.arange(n_pos).repeat(len(rows))
+    return table[pos, rows.repeat_interleave(n_pos), cols.repeat_interleave(n_pos)]
 
 
 def sender_differences(model: PatchModel, runs) -> dict:

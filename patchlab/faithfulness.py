@@ -7,7 +7,8 @@ A circuit ``C`` is run on the clean prompts with everything outside it ablated:
   patched on all its outgoing edges (the embeddings are always kept);
 - **resample** ablation: the patched values come from the corrupted run of the
   same prompt; **mean** ablation: from the mean over the dataset's corrupted
-  prompts (per position);
+  prompts (per position; for Gemma's post-normed heads, the contribution of the
+  mean head output, not the mean contribution);
 - token-specific circuits (edges with a position) ablate per position.
 
 Faithfulness (Wang et al. 2022; Hanna et al. 2024; METHODS.md):
