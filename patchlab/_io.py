@@ -1,13 +1,15 @@
-"""Atomic file writes: nothing half-written is ever left under a final name."""
+"""Files: atomic writes (nothing half-written is ever left under a final name) and the model cache root."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
+import uuid
 from pathlib import Path
 
-__all__ = ["atomic_path", "atomic_write_text", "file_sha256"]
+__all__ = ["atomic_path", "atomic_write_text", "file_sha256", "cache_root", "remove_aside"]
 
 
 class atomic_path:
@@ -55,3 +57,20 @@ def file_sha256(path: str | os.PathLike, *, chunk_bytes: int = 1 << 20) -> str:
         while chunk := f.read(chunk_bytes):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where patchlab caches models: `cache_dir`, else ``$PATCHLAB_CACHE``, else ``~/.cache/patchlab``."""
+    if cache_dir is None:
+        cache_dir = os.environ.get("PATCHLAB_CACHE") or Path.home() / ".cache" / "patchlab"
+    return Path(cache_dir).expanduser()
+
+
+def remove_aside(folder: Path) -> None:
+    """Rename ``folder`` out of the way (atomically) and delete it."""
+    aside = folder.with_name(f".{folder.name}.stale-{uuid.uuid4().hex}")
+    try:
+        os.rename(folder, aside)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(aside, ignore_errors=True)

@@ -25,10 +25,9 @@ import pathlib
 import shutil
 import tempfile
 import time
-import uuid
 from dataclasses import dataclass
 
-from ._io import file_sha256
+from ._io import cache_root, file_sha256, remove_aside
 
 __all__ = [
     "DEFAULT_MODEL", "EMBEDDED_MODELS", "EmbeddedModel", "EmbeddedModelCorrupt",
@@ -111,12 +110,12 @@ def embedded_model_path(
         EmbeddedModelCorrupt: conversion is needed and the GGUF file's sha256 is wrong.
     """
     spec = _spec(name)
-    folder = _cache_root(cache_dir) / "models" / spec.name
+    folder = cache_root(cache_dir) / "models" / spec.name
     if is_complete(folder, spec):
         if not verify or _safetensors_hash_matches(folder):
             return folder
         logger.warning("%s: model.safetensors does not match its recorded sha256; converting again", folder)
-        _remove_aside(folder)
+        remove_aside(folder)
     gguf = _locate_gguf(spec)
     _check_gguf(gguf, spec)
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -158,12 +157,6 @@ def _spec(name: str) -> EmbeddedModel:
         return EMBEDDED_MODELS[name]
     except KeyError:
         raise ValueError(f"unknown embedded model {name!r}; known: {sorted(EMBEDDED_MODELS)}") from None
-
-
-def _cache_root(cache_dir: str | os.PathLike | None) -> pathlib.Path:
-    if cache_dir is None:
-        cache_dir = os.environ.get("PATCHLAB_CACHE") or pathlib.Path.home() / ".cache" / "patchlab"
-    return pathlib.Path(cache_dir).expanduser()
 
 
 def _locate_gguf(spec: EmbeddedModel) -> pathlib.Path:
@@ -243,18 +236,8 @@ def _install(tmp: pathlib.Path, folder: pathlib.Path, spec: EmbeddedModel) -> No
                 logger.info("%s was completed by another conversion meanwhile; keeping it", folder)
                 return
             logger.warning("%s is incomplete (interrupted conversion?); replacing it", folder)
-            _remove_aside(folder)
+            remove_aside(folder)
     raise RuntimeError(f"could not move the converted model into {folder}")
-
-
-def _remove_aside(folder: pathlib.Path) -> None:
-    """Rename ``folder`` out of the way (atomically) and delete it."""
-    aside = folder.with_name(f".{folder.name}.stale-{uuid.uuid4().hex}")
-    try:
-        os.rename(folder, aside)
-    except FileNotFoundError:
-        return
-    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _remove_stale_temporaries(folder: pathlib.Path) -> None:

@@ -35,7 +35,7 @@ import xarray as xr
 
 from ._io import file_sha256
 from .data import DatasetError, PromptPair, PromptPairDataset
-from .embedded import _cache_root, _remove_aside
+from ._io import cache_root, remove_aside
 from .graph import Channel, Edge, Node, NodeKind
 
 __all__ = ["MIN_ACCURACY", "InductionConfig", "InductionError", "KnownCircuit", "head_pattern_scores",
@@ -227,7 +227,7 @@ def induction_model_path(config: InductionConfig = InductionConfig(), *, retrain
     """
     from transformers import __version__ as transformers_version
 
-    folder = _cache_root(cache_dir) / "models" / f"induction-{config.key}"
+    folder = cache_root(cache_dir) / "models" / f"induction-{config.key}"
     if not retrain and _is_complete(folder, config):
         return folder
     model, tokenizer, stats = train_induction_model(config, progress=progress)
@@ -247,7 +247,7 @@ def induction_model_path(config: InductionConfig = InductionConfig(), *, retrain
         for path in (tmp, *tmp.iterdir()):  # mkdtemp makes the folder private; a cache may be shared
             path.chmod(0o755 if path.is_dir() else 0o644)
         if retrain or not _is_complete(folder, config):
-            _remove_aside(folder)
+            remove_aside(folder)
         with contextlib.suppress(OSError):  # a concurrent call may have installed one meanwhile
             os.rename(tmp, folder)
     finally:
