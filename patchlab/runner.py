@@ -49,12 +49,21 @@ class RunCache:
     logits: torch.Tensor
 
 
-def cache_runs(model: PatchModel, runs: Sequence[torch.Tensor], sites: Iterable[tuple[Site, int]]) -> list[RunCache]:
+def cache_runs(model: PatchModel, runs: Sequence[torch.Tensor], sites: Iterable[tuple[Site, int]], *,
+               embeds: torch.Tensor | None = None) -> list[RunCache]:
     """Run several token batches (each ``[prompt, pos]``, same shape) in one forward pass.
+
+    Args:
+        embeds: the residual stream entering block 0 for all runs together,
+            ``[run * prompt, pos, d_model]``, instead of the tokens' embeddings (e.g.
+            noised embeddings for causal tracing).
 
     Returns one `RunCache` per run with the activations at `sites`.
     """
     ids = torch.cat(list(runs)).to(model.device)
+    sites = set(sites)
+    if embeds is not None:
+        sites.add((Site.RESID_PRE, 0))
     by_point: dict[HookPoint, list[Site]] = defaultdict(list)
     for site, layer in sorted(set(sites), key=lambda sl: (sl[1], sl[0].order)):
         by_point[model.adapter.point(site, layer)].append(site)
@@ -62,6 +71,8 @@ def cache_runs(model: PatchModel, runs: Sequence[torch.Tensor], sites: Iterable[
     with torch.no_grad(), nn.trace(ids, logits_to_keep=1):
         store = nnsight.save({})
         for point in sorted(by_point, key=lambda p: p.sort_key):
+            if embeds is not None and point == adapter.point(Site.RESID_PRE, 0):
+                adapter.block(nn, 0).input = embeds.to(model.device)
             raw = _first(_read(adapter.module(nn, point), point))
             for site in by_point[point]:
                 store[(site, point.layer)] = adapter.view(site, raw, layout).clone()
@@ -73,7 +84,8 @@ def cache_runs(model: PatchModel, runs: Sequence[torch.Tensor], sites: Iterable[
 
 def patch_rows(model: PatchModel, *, base_ids: torch.Tensor, base: RunCache, source: RunCache,
                rows: Sequence[tuple[Component, ...]], metric: Metric, targets: Targets,
-               max_rows: int | None = None, memory_mb: float = 1024, progress: bool = True) -> torch.Tensor:
+               max_rows: int | None = None, memory_mb: float = 1024, progress: bool = True,
+               base_embeds: bool = False) -> torch.Tensor:
     """Metric of the base run with each row's components patched from the source run.
 
     Args:
@@ -86,6 +98,8 @@ def patch_rows(model: PatchModel, *, base_ids: torch.Tensor, base: RunCache, sou
         targets: per-prompt targets, ``[prompt]``.
         max_rows / memory_mb: chunk size: at most `max_rows` rows per forward pass,
             else as many as an estimate of activation memory allows.
+        base_embeds: the base run is defined by its cached block-0 input (``resid_pre``
+            at layer 0, e.g. noised embeddings), not by its tokens' embeddings.
 
     Returns:
         Metric values, ``[row, prompt]``.
@@ -95,7 +109,7 @@ def patch_rows(model: PatchModel, *, base_ids: torch.Tensor, base: RunCache, sou
     chunks = chunk_rows([_start_layer(model, row) for row in rows], limit)
     out = torch.empty(len(rows), n_prompts)
     for chunk in tqdm(chunks, desc="patching", unit="pass", disable=not progress, leave=False):
-        logits = _run_chunk(model, base_ids, base, source, [rows[r] for r in chunk])
+        logits = _run_chunk(model, base_ids, base, source, [rows[r] for r in chunk], base_embeds)
         values = metric(logits, targets.repeat(len(chunk)))
         out[chunk] = values.reshape(len(chunk), n_prompts).cpu()
     return out
@@ -138,11 +152,14 @@ def _start_layer(model: PatchModel, row: tuple[Component, ...]) -> int:
 
 
 def _run_chunk(model: PatchModel, base_ids, base: RunCache, source: RunCache,
-               rows: Sequence[tuple[Component, ...]]) -> torch.Tensor:
+               rows: Sequence[tuple[Component, ...]], base_embeds: bool = False) -> torch.Tensor:
     adapter, layout, nn = model.adapter, model.layout, model.nn
     n_rows, (n_prompts, n_pos) = len(rows), base_ids.shape
     writes = _plan_writes(model, source, rows, n_prompts, n_pos)
     start = min(p.layer for p in writes)
+    embed_point = adapter.point(Site.RESID_PRE, 0)
+    if base_embeds and start == 0:
+        writes.setdefault(embed_point, [])
     ids = base_ids.repeat(n_rows, 1).to(model.device)
     skip_to = skip_value(model, base, start, n_rows)
     with torch.no_grad(), nn.trace(ids, logits_to_keep=1):
@@ -154,6 +171,8 @@ def _run_chunk(model: PatchModel, base_ids, base: RunCache, source: RunCache,
             value = _read(module, point)
             raw = _first(value)
             new = raw
+            if base_embeds and point == embed_point:
+                new = base.acts[(Site.RESID_PRE, 0)].repeat(n_rows, 1, 1).to(raw.device)
             for site, mask, src in writes[point]:
                 if site is Site.RESID_MID:
                     current = resid_pre + new

@@ -1,0 +1,125 @@
+"""Causal tracing of factual recall (Meng et al. 2022, "Locating and Editing Factual
+Associations in GPT", ROME).
+
+For each fact: the clean run; the corrupted run, in which Gaussian noise of scale
+``noise`` x the standard deviation of subject-token embeddings (measured over the
+dataset's subject tokens) is added to the subject tokens' input embeddings (the
+residual stream entering block 0), one seeded draw per sample; then restoration
+runs, each the corrupted run with one clean state copied back:
+
+- ``hidden``: the residual stream leaving block ``layer`` (resid_post) at one position;
+- ``mlp`` / ``attn``: the MLP / attention outputs at one position over a window of
+  ``window`` consecutive layers centred on ``layer`` (clipped at the ends).
+
+The metric is p(answer) (the probability of the answer's first token at the last
+position), averaged over the noise samples; denoising throughout.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import xarray as xr
+from tqdm.auto import tqdm
+
+from .components import Component, Site
+from .facts import FactDataset
+from .metrics import Metric, Targets
+from .models import PatchModel
+from .provenance import provenance_attrs
+from .runner import RunCache, cache_runs, patch_rows
+
+__all__ = ["KINDS", "causal_trace", "window_layers", "subject_embedding_std"]
+
+KINDS = {"hidden": Site.RESID_POST, "mlp": Site.MLP_OUT, "attn": Site.ATTN_OUT}
+"""Restored state per kind."""
+
+
+def window_layers(layer: int, window: int, n_layers: int) -> range:
+    """The `window` layers centred on `layer` (``layer - window//2 .. layer - window//2 + window - 1``),
+    clipped to ``0..n_layers-1`` (as in the ROME code)."""
+    return range(max(0, layer - window // 2), min(n_layers, layer - window // 2 + window))
+
+
+def subject_embedding_std(model: PatchModel, tokens) -> float:
+    """Standard deviation of the block-0 input over every subject token of the dataset (all units)."""
+    values = []
+    for ids, span in zip(tokens.ids, tokens.subject_positions):
+        (clean,) = cache_runs(model, [ids[None]], {(Site.RESID_PRE, 0)})
+        values.append(clean.acts[(Site.RESID_PRE, 0)][0, span.start:span.stop].flatten())
+    return float(torch.cat(values).float().std())
+
+
+def causal_trace(model: PatchModel, facts: FactDataset, *, kinds=("hidden", "mlp", "attn"), window: int = 10,
+                 noise: float = 3.0, samples: int = 10, seed: int = 0, progress: bool = True) -> xr.Dataset:
+    """Causal traces of every fact.
+
+    Returns:
+        Dataset with ``prob`` (kind, prompt, layer, pos): p(answer) with that state
+        restored (NaN beyond a prompt's length), ``clean`` and ``corrupted`` (prompt)
+        probabilities, ``subject`` (prompt, pos) 1 on subject tokens, ``token`` (prompt,
+        pos) strings; attrs noise scale, embedding std, samples, window, seed, provenance.
+
+    Raises:
+        ValueError: an unknown kind, window < 1, samples < 1.
+    """
+    if bad := [k for k in kinds if k not in KINDS]:
+        raise ValueError(f"unknown kinds {bad}; use some of {list(KINDS)}")
+    if window < 1 or samples < 1:
+        raise ValueError(f"window={window}, samples={samples}: both must be at least 1")
+    tokens = facts.tokenize(model.tokenizer)
+    n_layers, n_facts = model.layout.n_layers, len(facts)
+    n_pos = max(len(ids) for ids in tokens.ids)
+    std = subject_embedding_std(model, tokens)
+    prob = np.full((len(kinds), n_facts, n_layers, n_pos), np.nan)
+    clean_p, corrupted_p = np.zeros(n_facts), np.zeros(n_facts)
+    subject = np.zeros((n_facts, n_pos), dtype=np.int8)
+    token = np.full((n_facts, n_pos), "", dtype=object)
+    for i in tqdm(range(n_facts), desc="causal tracing", disable=not progress, leave=False):
+        ids, span = tokens.ids[i][None], tokens.subject_positions[i]
+        values, clean_p[i], corrupted_p[i] = trace_fact(model, ids, span, int(tokens.answer_ids[i]), kinds=kinds,
+                                                        window=window, scale=noise * std, samples=samples, seed=seed + i)
+        prob[:, i, :, :ids.shape[1]] = values
+        subject[i, span.start:span.stop] = 1
+        token[i, :ids.shape[1]] = tokens.tokens[i]
+    ds = xr.Dataset({
+        "prob": (("kind", "prompt", "layer", "pos"), prob, {"long_name": "p(answer) with the state restored", "units": "probability"}),
+        "clean": ("prompt", clean_p, {"units": "probability"}),
+        "corrupted": ("prompt", corrupted_p, {"units": "probability"}),
+        "subject": (("prompt", "pos"), subject),
+    }, coords={"kind": list(kinds), "prompt": np.arange(n_facts), "layer": np.arange(n_layers), "pos": np.arange(n_pos),
+               "token": (("prompt", "pos"), token.astype(str)),
+               "fact_prompt": ("prompt", np.asarray([f.prompt for f in facts], dtype=str)),
+               "answer": ("prompt", np.asarray([f.answer for f in facts], dtype=str))})
+    ds.attrs = provenance_attrs(model_id=model.model_id, model_sha256=model.weights_sha256,
+                                dataset_sha256=facts.sha256(), seed=seed, metric="prob", units="probability",
+                                direction="denoising", noise_scale=noise, embedding_std=std, samples=samples,
+                                window=window, method="causal tracing (Meng et al. 2022)")
+    return ds
+
+
+def trace_fact(model: PatchModel, ids: torch.Tensor, span: range, answer: int, *, kinds, window: int,
+               scale: float, samples: int, seed: int) -> tuple[np.ndarray, float, float]:
+    """One fact: p(answer) per (kind, layer, pos) averaged over noise samples, and the clean
+    and corrupted p(answer). ``ids`` is ``[1, pos]``."""
+    n_layers, n_pos = model.layout.n_layers, ids.shape[1]
+    sites = {(site, layer) for site in {KINDS[k] for k in kinds} for layer in range(n_layers)}
+    (clean,) = cache_runs(model, [ids], sites | {(Site.RESID_PRE, 0)})
+    embed = clean.acts[(Site.RESID_PRE, 0)]
+    generator = torch.Generator().manual_seed(seed)
+    eps = torch.randn(samples, len(span), embed.shape[-1], generator=generator) * scale
+    noised = embed.repeat(samples, 1, 1)
+    noised[:, span.start:span.stop] += eps.to(noised.dtype)
+    base_ids = ids.repeat(samples, 1)
+    (base,) = cache_runs(model, [base_ids], {(Site.RESID_PRE, layer) for layer in range(n_layers)}, embeds=noised)
+    source = RunCache(acts={k: v.repeat(samples, *([1] * (v.dim() - 1))) for k, v in clean.acts.items()},
+                      logits=clean.logits.repeat(samples, 1))
+    targets = Targets(correct=torch.full((samples,), answer), incorrect=torch.full((samples,), answer))
+    rows = [tuple(Component(site=KINDS[k], layer=layer, pos=p) for layer in
+                  ([lay] if k == "hidden" else window_layers(lay, window, n_layers)))
+            for k in kinds for lay in range(n_layers) for p in range(n_pos)]
+    values = patch_rows(model, base_ids=base_ids, base=base, source=source, rows=rows, metric=Metric.PROB,
+                        targets=targets, progress=False, base_embeds=True)
+    values = values.double().mean(1).numpy().reshape(len(kinds), n_layers, n_pos)
+    clean_p = float(Metric.PROB(source.logits, targets).mean())  # the clean run, repeated
+    return values, clean_p, float(Metric.PROB(base.logits, targets).mean())

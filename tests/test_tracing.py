@@ -1,0 +1,93 @@
+"""Causal tracing against plain PyTorch hooks: noise added to the subject's block-0 input,
+one clean state (block output, or MLP / attention outputs over a window) copied back."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import patchlab as pl
+from patchlab.facts import Fact, FactDataset
+from patchlab.tracing import causal_trace, window_layers
+
+from .tiny_models import tiny_model, tiny_tokenizer
+
+PATHS = {"gpt2": ("transformer.h", "mlp", "attn"), "llama": ("model.layers", "mlp", "self_attn")}
+
+
+def test_window_is_centred_and_clipped():
+    assert list(window_layers(5, 10, 30)) == list(range(0, 10))
+    assert list(window_layers(15, 10, 30)) == list(range(10, 20))
+    assert list(window_layers(29, 10, 30)) == list(range(24, 30))
+    assert list(window_layers(3, 1, 30)) == [3]
+
+
+def reference_prob(hf, family, ids, span, answer, eps, kind, layer, pos, window):
+    """p(answer) averaged over noise samples with one clean state restored, by hooks."""
+    blocks_path, mlp, attn = PATHS[family]
+    blocks = hf.get_submodule(blocks_path)
+    n = len(blocks)
+    layers = [layer] if kind == "hidden" else list(window_layers(layer, window, n))
+    modules = [blocks[i] if kind == "hidden" else getattr(blocks[i], mlp if kind == "mlp" else attn) for i in layers]
+    first = lambda out: out[0] if isinstance(out, tuple) else out
+    clean = {}
+    handles = [m.register_forward_hook(lambda mod, a, out, i=i: clean.__setitem__(i, first(out).detach().clone()))
+               for i, m in enumerate(modules)]
+    with torch.no_grad():
+        hf(ids)
+    for h in handles:
+        h.remove()
+
+    def noise(mod, args, kwargs):
+        x = (args[0] if args else kwargs["hidden_states"]).clone()
+        x[:, span.start:span.stop] += eps.to(x.dtype)
+        return ((x,) + tuple(args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": x})
+
+    def restore(mod, a, out, i):
+        value = first(out).clone()
+        value[:, pos] = clean[i][:, pos]
+        return (value,) + tuple(out[1:]) if isinstance(out, tuple) else value
+
+    handles = [blocks[0].register_forward_pre_hook(noise, with_kwargs=True)]
+    handles += [m.register_forward_hook(lambda mod, a, out, i=i: restore(mod, a, out, i)) for i, m in enumerate(modules)]
+    try:
+        with torch.no_grad():
+            logits = hf(ids.repeat(len(eps), 1)).logits[:, -1]
+    finally:
+        for h in handles:
+            h.remove()
+    return float(torch.softmax(logits.double(), -1)[:, answer].mean())
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_restorations_equal_hooks(family):
+    hf = tiny_model(family)
+    model = pl.load_model(hf, tokenizer=tiny_tokenizer(hf.config.vocab_size), model_id=f"tiny-{family}")
+    facts = FactDataset(facts=(Fact("w1 w2 w3 w4 w5 w6", "w2 w3", " w9"), Fact("w7 w8 w9 w10", "w10", " w3")))
+    samples, noise, window, seed = 4, 3.0, 2, 5
+    ds = causal_trace(model, facts, samples=samples, noise=noise, window=window, seed=seed, progress=False)
+    tokens = facts.tokenize(model.tokenizer)
+    for i in range(len(facts)):
+        ids, span, answer = tokens.ids[i][None], tokens.subject_positions[i], int(tokens.answer_ids[i])
+        eps = torch.randn(samples, len(span), hf.config.hidden_size,
+                          generator=torch.Generator().manual_seed(seed + i)) * noise * ds.attrs["embedding_std"]
+        for kind in ("hidden", "mlp", "attn"):
+            for layer, pos in [(0, span.start), (1, span.stop - 1), (2, ids.shape[1] - 1)]:
+                expected = reference_prob(hf, family, ids, span, answer, eps, kind, layer, pos, window)
+                got = float(ds["prob"].sel(kind=kind, prompt=i, layer=layer, pos=pos))
+                assert got == pytest.approx(expected, abs=1e-5), (kind, i, layer, pos)
+        assert np.isnan(ds["prob"].sel(prompt=1).values[..., 4:]).all()  # beyond the shorter prompt
+        assert ds["subject"].values[i, span.start:span.stop].all() and ds["subject"].values[i].sum() == len(span)
+
+
+def test_embedding_std_is_over_subject_tokens():
+    hf = tiny_model("llama")
+    model = pl.load_model(hf, tokenizer=tiny_tokenizer(hf.config.vocab_size))
+    facts = FactDataset(facts=(Fact("w1 w2 w3", "w2", " w4"),))
+    ds = causal_trace(model, facts, samples=1, kinds=("hidden",), progress=False)
+    ids = facts.tokenize(model.tokenizer).ids[0]
+    expected = hf.get_input_embeddings()(ids[1:2]).std()  # Llama: block 0 reads the token embedding
+    assert ds.attrs["embedding_std"] == pytest.approx(float(expected), rel=1e-5)
+    with pytest.raises(ValueError, match="unknown kinds"):
+        causal_trace(model, facts, kinds=("resid",))
