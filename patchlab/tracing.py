@@ -17,6 +17,8 @@ position), averaged over the noise samples; denoising throughout.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 import xarray as xr
@@ -29,10 +31,15 @@ from .models import PatchModel
 from .provenance import provenance_attrs
 from .runner import RunCache, cache_runs, patch_rows
 
-__all__ = ["KINDS", "causal_trace", "window_layers", "subject_embedding_std"]
+__all__ = ["KINDS", "POSITIONS", "causal_trace", "window_layers", "subject_embedding_std"]
 
 KINDS = {"hidden": Site.RESID_POST, "mlp": Site.MLP_OUT, "attn": Site.ATTN_OUT}
 """Restored state per kind."""
+
+POSITIONS = ("first_subject", "middle_subject", "last_subject", "first_subsequent", "further", "last")
+"""The token groups prompts are aligned on for the average (Meng et al. 2022, Fig. 1): the first,
+middle (mean over the subject's inner tokens) and last subject token, the first token after the
+subject, the further tokens (mean), and the last token."""
 
 
 def window_layers(layer: int, window: int, n_layers: int) -> range:
@@ -82,12 +89,18 @@ def causal_trace(model: PatchModel, facts: FactDataset, *, kinds=("hidden", "mlp
         prob[:, i, :, :ids.shape[1]] = values
         subject[i, span.start:span.stop] = 1
         token[i, :ids.shape[1]] = tokens.tokens[i]
+    with warnings.catch_warnings():  # a group no prompt has (e.g. no inner subject tokens) averages to NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        average = np.nanmean(np.stack([_aligned(prob[:, i], tokens.subject_positions[i], len(tokens.ids[i]))
+                                       for i in range(n_facts)]), axis=0)
     ds = xr.Dataset({
+        "average": (("kind", "layer", "position"), average,
+                    {"long_name": "p(answer) averaged over prompts aligned on token groups", "units": "probability"}),
         "prob": (("kind", "prompt", "layer", "pos"), prob, {"long_name": "p(answer) with the state restored", "units": "probability"}),
         "clean": ("prompt", clean_p, {"units": "probability"}),
         "corrupted": ("prompt", corrupted_p, {"units": "probability"}),
         "subject": (("prompt", "pos"), subject),
-    }, coords={"kind": list(kinds), "prompt": np.arange(n_facts), "layer": np.arange(n_layers), "pos": np.arange(n_pos),
+    }, coords={"kind": list(kinds), "prompt": np.arange(n_facts), "position": list(POSITIONS), "layer": np.arange(n_layers), "pos": np.arange(n_pos),
                "token": (("prompt", "pos"), token.astype(str)),
                "fact_prompt": ("prompt", np.asarray([f.prompt for f in facts], dtype=str)),
                "answer": ("prompt", np.asarray([f.answer for f in facts], dtype=str))})
@@ -96,6 +109,16 @@ def causal_trace(model: PatchModel, facts: FactDataset, *, kinds=("hidden", "mlp
                                 direction="denoising", noise_scale=noise, embedding_std=std, samples=samples,
                                 window=window, method="causal tracing (Meng et al. 2022)")
     return ds
+
+
+def _aligned(prob: np.ndarray, span: range, n_pos: int) -> np.ndarray:
+    """``[kind, layer, pos]`` -> ``[kind, layer, position]`` (NaN where a prompt lacks the group)."""
+    nan = np.full(prob.shape[:2], np.nan)
+    mean = lambda lo, hi: prob[..., lo:hi].mean(-1) if hi > lo else nan
+    after = span.stop
+    groups = [prob[..., span.start], mean(span.start + 1, span.stop - 1), prob[..., span.stop - 1],
+              prob[..., after] if after < n_pos - 1 else nan, mean(after + 1, n_pos - 1), prob[..., n_pos - 1]]
+    return np.stack(groups, axis=-1)
 
 
 def trace_fact(model: PatchModel, ids: torch.Tensor, span: range, answer: int, *, kinds, window: int,

@@ -81,6 +81,19 @@ def test_restorations_equal_hooks(family):
         assert ds["subject"].values[i, span.start:span.stop].all() and ds["subject"].values[i].sum() == len(span)
 
 
+def test_average_aligns_prompts_on_token_groups():
+    hf = tiny_model("gpt2")
+    model = pl.load_model(hf, tokenizer=tiny_tokenizer(hf.config.vocab_size))
+    facts = FactDataset(facts=(Fact("w1 w2 w3 w4 w5 w6 w7", "w2 w3 w4", " w9"), Fact("w7 w8 w9 w10", "w8", " w3")))
+    ds = causal_trace(model, facts, samples=2, window=3, progress=False)
+    p = ds["prob"].values  # [kind, prompt, layer, pos]; spans 1..3 of 7 tokens and 1..1 of 4 tokens
+    expected = {"first_subject": (p[:, 0, :, 1] + p[:, 1, :, 1]) / 2, "middle_subject": p[:, 0, :, 2],
+                "last_subject": (p[:, 0, :, 3] + p[:, 1, :, 1]) / 2, "first_subsequent": (p[:, 0, :, 4] + p[:, 1, :, 2]) / 2,
+                "further": p[:, 0, :, 5], "last": (p[:, 0, :, 6] + p[:, 1, :, 3]) / 2}
+    for name, value in expected.items():
+        np.testing.assert_allclose(ds["average"].sel(position=name).values, value, rtol=1e-12, err_msg=name)
+
+
 def test_embedding_std_is_over_subject_tokens():
     hf = tiny_model("llama")
     model = pl.load_model(hf, tokenizer=tiny_tokenizer(hf.config.vocab_size))
