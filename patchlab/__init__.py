@@ -13,6 +13,8 @@ Public API (see README.md for a tour):
 - circuits: `Circuit`, `evaluate_circuits`, `faithfulness_curve`, `agreement`, `roc_auc`,
   `plot_circuit`, `plot_faithfulness_curves`
 - a model with a known circuit: `load_induction_model`, `induction_dataset`, `known_circuit`
+- causal tracing: `Fact`, `FactDataset`, `builtin_facts`, `check_facts`, `causal_trace`,
+  `plot_causal_trace`, `plot_causal_trace_summary`
 - experiment folders: `ExperimentRun`
 """
 
@@ -27,6 +29,7 @@ from .embedded import DEFAULT_MODEL
 from .edges import patch_edges, patch_senders_into
 from .exact import exact_edge_scores
 from .experiment import ExperimentRun
+from .facts import Fact, FactDataset, builtin_facts, check_facts
 from .faithfulness import evaluate_circuits, faithfulness_curve
 from .graph import Channel, Edge, Graph, Node, NodeKind
 from .induction import InductionConfig, induction_dataset, known_circuit, load_induction_model
@@ -37,6 +40,8 @@ from .models import PatchModel, load_model
 from .patching import patch_components, patch_heads, patch_layer_pos
 from .paths import path_patch_heads
 from .plotting import plot_layer_head, plot_layer_pos, plot_sweep
+from .tracing import causal_trace
+from .tracing_plots import plot_causal_trace, plot_causal_trace_summary
 
 __version__ = "0.1.0"
 
@@ -53,5 +58,7 @@ __all__ = [
     "Circuit", "evaluate_circuits", "faithfulness_curve", "agreement", "roc_auc",
     "plot_circuit", "plot_faithfulness_curves",
     "InductionConfig", "induction_dataset", "known_circuit", "load_induction_model",
+    "Fact", "FactDataset", "builtin_facts", "check_facts", "causal_trace",
+    "plot_causal_trace", "plot_causal_trace_summary",
     "ExperimentRun",
 ]
