@@ -25,7 +25,7 @@ import xarray as xr
 from tqdm.auto import tqdm
 
 from .components import Component, Site
-from .facts import FactDataset
+from .facts import Fact, FactDataset
 from .metrics import Metric, Targets
 from .models import PatchModel
 from .provenance import provenance_attrs
@@ -58,8 +58,15 @@ def subject_embedding_std(model: PatchModel, tokens) -> float:
 
 
 def causal_trace(model: PatchModel, facts: FactDataset, *, kinds=("hidden", "mlp", "attn"), window: int = 10,
-                 noise: float = 3.0, samples: int = 10, seed: int = 0, progress: bool = True) -> xr.Dataset:
+                 noise: float = 3.0, samples: int = 10, corruption: str = "noise", seed: int = 0,
+                 progress: bool = True) -> xr.Dataset:
     """Causal traces of every fact.
+
+    Args:
+        corruption: "noise" (Gaussian noise on the subject embeddings, `noise` x their
+            std, `samples` seeded draws) or "replace" (symmetric token replacement: the
+            corrupted run reads each fact's ``counterfactual_subject`` in place of the
+            subject, which must have as many tokens; one run, no sampling).
 
     Returns:
         Dataset with ``prob`` (kind, prompt, layer, pos): p(answer) with that state
@@ -68,8 +75,11 @@ def causal_trace(model: PatchModel, facts: FactDataset, *, kinds=("hidden", "mlp
         pos) strings; attrs noise scale, embedding std, samples, window, seed, provenance.
 
     Raises:
-        ValueError: an unknown kind, window < 1, samples < 1.
+        ValueError: an unknown kind or corruption, window < 1, samples < 1; for
+            "replace", a fact without a counterfactual subject of the same token length.
     """
+    if corruption not in ("noise", "replace"):
+        raise ValueError(f"corruption={corruption!r}: use 'noise' or 'replace'")
     if bad := [k for k in kinds if k not in KINDS]:
         raise ValueError(f"unknown kinds {bad}; use some of {list(KINDS)}")
     if window < 1 or samples < 1:
@@ -78,6 +88,7 @@ def causal_trace(model: PatchModel, facts: FactDataset, *, kinds=("hidden", "mlp
     n_layers, n_facts = model.layout.n_layers, len(facts)
     n_pos = max(len(ids) for ids in tokens.ids)
     std = subject_embedding_std(model, tokens)
+    counterfactual = _counterfactual_ids(model, facts, tokens) if corruption == "replace" else [None] * len(facts)
     prob = np.full((len(kinds), n_facts, n_layers, n_pos), np.nan)
     clean_p, corrupted_p = np.zeros(n_facts), np.zeros(n_facts)
     subject = np.zeros((n_facts, n_pos), dtype=np.int8)
@@ -85,7 +96,8 @@ def causal_trace(model: PatchModel, facts: FactDataset, *, kinds=("hidden", "mlp
     for i in tqdm(range(n_facts), desc="causal tracing", disable=not progress, leave=False):
         ids, span = tokens.ids[i][None], tokens.subject_positions[i]
         values, clean_p[i], corrupted_p[i] = trace_fact(model, ids, span, int(tokens.answer_ids[i]), kinds=kinds,
-                                                        window=window, scale=noise * std, samples=samples, seed=seed + i)
+                                                        window=window, scale=noise * std, samples=samples, seed=seed + i,
+                                                        replacement=counterfactual[i])
         prob[:, i, :, :ids.shape[1]] = values
         subject[i, span.start:span.stop] = 1
         token[i, :ids.shape[1]] = tokens.tokens[i]
@@ -106,7 +118,8 @@ def causal_trace(model: PatchModel, facts: FactDataset, *, kinds=("hidden", "mlp
                "answer": ("prompt", np.asarray([f.answer for f in facts], dtype=str))})
     ds.attrs = provenance_attrs(model_id=model.model_id, model_sha256=model.weights_sha256,
                                 dataset_sha256=facts.sha256(), seed=seed, metric="prob", units="probability",
-                                direction="denoising", noise_scale=noise, embedding_std=std, samples=samples,
+                                direction="denoising", corruption=corruption, noise_scale=noise,
+                                embedding_std=std, samples=samples if corruption == "noise" else 1,
                                 window=window, method="causal tracing (Meng et al. 2022)")
     return ds
 
@@ -121,20 +134,43 @@ def _aligned(prob: np.ndarray, span: range, n_pos: int) -> np.ndarray:
     return np.stack(groups, axis=-1)
 
 
+def _counterfactual_ids(model: PatchModel, facts: FactDataset, tokens) -> list[torch.Tensor]:
+    out = []
+    for fact, ids, span in zip(facts, tokens.ids, tokens.subject_positions):
+        if not fact.counterfactual_subject:
+            raise ValueError(f"fact {fact.prompt!r} has no counterfactual_subject; symmetric token replacement "
+                             "needs one per fact (or use corruption='noise')")
+        other = Fact(fact.prompt.replace(fact.subject, fact.counterfactual_subject, 1), fact.counterfactual_subject,
+                     fact.answer)
+        swapped = FactDataset(facts=(other,)).tokenize(model.tokenizer)
+        if len(swapped.ids[0]) != len(ids) or swapped.subject_positions[0] != span:
+            raise ValueError(f"counterfactual subject {fact.counterfactual_subject!r} does not take the token positions "
+                             f"of {fact.subject!r} ({list(span)}) in {fact.prompt!r}; pick one with as many tokens")
+        out.append(swapped.ids[0][None])
+    return out
+
+
 def trace_fact(model: PatchModel, ids: torch.Tensor, span: range, answer: int, *, kinds, window: int,
-               scale: float, samples: int, seed: int) -> tuple[np.ndarray, float, float]:
-    """One fact: p(answer) per (kind, layer, pos) averaged over noise samples, and the clean
-    and corrupted p(answer). ``ids`` is ``[1, pos]``."""
+               scale: float, samples: int, seed: int,
+               replacement: torch.Tensor | None = None) -> tuple[np.ndarray, float, float]:
+    """One fact: p(answer) per (kind, layer, pos) averaged over noise samples (or with the
+    subject replaced by `replacement` ids), and the clean and corrupted p(answer).
+    ``ids`` is ``[1, pos]``."""
     n_layers, n_pos = model.layout.n_layers, ids.shape[1]
     sites = {(site, layer) for site in {KINDS[k] for k in kinds} for layer in range(n_layers)}
     (clean,) = cache_runs(model, [ids], sites | {(Site.RESID_PRE, 0)})
     embed = clean.acts[(Site.RESID_PRE, 0)]
-    generator = torch.Generator().manual_seed(seed)
-    eps = torch.randn(samples, len(span), embed.shape[-1], generator=generator) * scale
-    noised = embed.repeat(samples, 1, 1)
-    noised[:, span.start:span.stop] += eps.to(noised.dtype)
-    base_ids = ids.repeat(samples, 1)
-    (base,) = cache_runs(model, [base_ids], {(Site.RESID_PRE, layer) for layer in range(n_layers)}, embeds=noised)
+    resid_sites = {(Site.RESID_PRE, layer) for layer in range(n_layers)}
+    if replacement is None:
+        generator = torch.Generator().manual_seed(seed)
+        eps = torch.randn(samples, len(span), embed.shape[-1], generator=generator) * scale
+        noised = embed.repeat(samples, 1, 1)
+        noised[:, span.start:span.stop] += eps.to(noised.dtype)
+        base_ids = ids.repeat(samples, 1)
+        (base,) = cache_runs(model, [base_ids], resid_sites, embeds=noised)
+    else:
+        samples, base_ids, noised = 1, replacement, None
+        (base,) = cache_runs(model, [base_ids], resid_sites)
     source = RunCache(acts={k: v.repeat(samples, *([1] * (v.dim() - 1))) for k, v in clean.acts.items()},
                       logits=clean.logits.repeat(samples, 1))
     targets = Targets(correct=torch.full((samples,), answer), incorrect=torch.full((samples,), answer))
@@ -142,7 +178,7 @@ def trace_fact(model: PatchModel, ids: torch.Tensor, span: range, answer: int, *
                   ([lay] if k == "hidden" else window_layers(lay, window, n_layers)))
             for k in kinds for lay in range(n_layers) for p in range(n_pos)]
     values = patch_rows(model, base_ids=base_ids, base=base, source=source, rows=rows, metric=Metric.PROB,
-                        targets=targets, progress=False, base_embeds=True)
+                        targets=targets, progress=False, base_embeds=noised is not None)
     values = values.double().mean(1).numpy().reshape(len(kinds), n_layers, n_pos)
     clean_p = float(Metric.PROB(source.logits, targets).mean())  # the clean run, repeated
     return values, clean_p, float(Metric.PROB(base.logits, targets).mean())

@@ -23,8 +23,9 @@ def test_window_is_centred_and_clipped():
     assert list(window_layers(3, 1, 30)) == [3]
 
 
-def reference_prob(hf, family, ids, span, answer, eps, kind, layer, pos, window):
-    """p(answer) averaged over noise samples with one clean state restored, by hooks."""
+def reference_prob(hf, family, ids, span, answer, eps, kind, layer, pos, window, corrupted_ids=None):
+    """p(answer) averaged over noise samples with one clean state restored, by hooks
+    (or, with `corrupted_ids` and no noise, in the counterfactual prompt's run)."""
     blocks_path, mlp, attn = PATHS[family]
     blocks = hf.get_submodule(blocks_path)
     n = len(blocks)
@@ -49,11 +50,11 @@ def reference_prob(hf, family, ids, span, answer, eps, kind, layer, pos, window)
         value[:, pos] = clean[i][:, pos]
         return (value,) + tuple(out[1:]) if isinstance(out, tuple) else value
 
-    handles = [blocks[0].register_forward_pre_hook(noise, with_kwargs=True)]
+    handles = [] if eps is None else [blocks[0].register_forward_pre_hook(noise, with_kwargs=True)]
     handles += [m.register_forward_hook(lambda mod, a, out, i=i: restore(mod, a, out, i)) for i, m in enumerate(modules)]
     try:
         with torch.no_grad():
-            logits = hf(ids.repeat(len(eps), 1)).logits[:, -1]
+            logits = hf(ids.repeat(len(eps), 1) if eps is not None else corrupted_ids).logits[:, -1]
     finally:
         for h in handles:
             h.remove()
@@ -79,6 +80,26 @@ def test_restorations_equal_hooks(family):
                 assert got == pytest.approx(expected, abs=1e-5), (kind, i, layer, pos)
         assert np.isnan(ds["prob"].sel(prompt=1).values[..., 4:]).all()  # beyond the shorter prompt
         assert ds["subject"].values[i, span.start:span.stop].all() and ds["subject"].values[i].sum() == len(span)
+
+
+def test_symmetric_token_replacement_equals_hooks():
+    hf = tiny_model("llama")
+    model = pl.load_model(hf, tokenizer=tiny_tokenizer(hf.config.vocab_size))
+    facts = FactDataset(facts=(Fact("w1 w2 w3 w4 w5", "w2 w3", " w9", counterfactual_subject="w20 w21"),))
+    ds = causal_trace(model, facts, corruption="replace", window=2, progress=False)
+    tokens = facts.tokenize(model.tokenizer)
+    ids, span, answer = tokens.ids[0][None], tokens.subject_positions[0], int(tokens.answer_ids[0])
+    other = FactDataset(facts=(Fact("w1 w20 w21 w4 w5", "w20 w21", " w9"),)).tokenize(model.tokenizer).ids[0][None]
+    assert ds.attrs["corruption"] == "replace" and ds.attrs["samples"] == 1
+    for kind in ("hidden", "mlp", "attn"):
+        for layer, pos in [(0, 1), (1, 2), (2, 4)]:
+            expected = reference_prob(hf, "llama", ids, span, answer, None, kind, layer, pos, 2, corrupted_ids=other)
+            assert float(ds["prob"].sel(kind=kind, prompt=0, layer=layer, pos=pos)) == pytest.approx(expected, abs=1e-5)
+    bad = FactDataset(facts=(Fact("w1 w2 w3 w4 w5", "w2 w3", " w9", counterfactual_subject="w20"),))
+    with pytest.raises(ValueError, match="token positions"):
+        causal_trace(model, bad, corruption="replace", progress=False)
+    with pytest.raises(ValueError, match="no counterfactual_subject"):
+        causal_trace(model, FactDataset(facts=(Fact("w1 w2 w3", "w2", " w4"),)), corruption="replace", progress=False)
 
 
 def test_average_aligns_prompts_on_token_groups():
