@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .components import Component, Site
 from .facts import Fact, FactDataset
-from .metrics import Metric, Targets
+from .metrics import Direction, Metric, Targets, get_metric
 from .models import PatchModel
 from .provenance import provenance_attrs
 from .runner import RunCache, cache_runs, patch_rows
@@ -58,8 +58,9 @@ def subject_embedding_std(model: PatchModel, tokens) -> float:
 
 
 def causal_trace(model: PatchModel, facts: FactDataset, *, kinds=("hidden", "mlp", "attn"), window: int = 10,
-                 noise: float = 3.0, samples: int = 10, corruption: str = "noise", seed: int = 0,
-                 progress: bool = True) -> xr.Dataset:
+                 noise: float = 3.0, samples: int = 10, corruption: str = "noise",
+                 metric: Metric | str = Metric.PROB, direction: Direction | str = Direction.DENOISING,
+                 seed: int = 0, progress: bool = True) -> xr.Dataset:
     """Causal traces of every fact.
 
     Args:
@@ -67,10 +68,15 @@ def causal_trace(model: PatchModel, facts: FactDataset, *, kinds=("hidden", "mlp
             std, `samples` seeded draws) or "replace" (symmetric token replacement: the
             corrupted run reads each fact's ``counterfactual_subject`` in place of the
             subject, which must have as many tokens; one run, no sampling).
+        metric: p(answer) ("prob", default), "logprob" (nats) or "kl" (to the clean
+            output, nats) of the answer's first token at the last position.
+        direction: "denoising" (default: the corrupted run with one clean state
+            restored, as in the paper) or "noising" (the clean run with one state
+            taken from the corrupted run).
 
     Returns:
-        Dataset with ``prob`` (kind, prompt, layer, pos): p(answer) with that state
-        restored (NaN beyond a prompt's length), ``clean`` and ``corrupted`` (prompt)
+        Dataset with ``prob`` (kind, prompt, layer, pos): p(answer) (or the chosen
+        metric, named in attrs) with that state restored (NaN beyond a prompt's length), ``clean`` and ``corrupted`` (prompt)
         probabilities, ``subject`` (prompt, pos) 1 on subject tokens, ``token`` (prompt,
         pos) strings; attrs noise scale, embedding std, samples, window, seed, provenance.
 
@@ -80,6 +86,9 @@ def causal_trace(model: PatchModel, facts: FactDataset, *, kinds=("hidden", "mlp
     """
     if corruption not in ("noise", "replace"):
         raise ValueError(f"corruption={corruption!r}: use 'noise' or 'replace'")
+    metric, direction = get_metric(metric), Direction(direction)
+    if metric is Metric.LOGIT_DIFF:
+        raise ValueError("facts have no incorrect answer for a logit difference; use prob, logprob or kl")
     if bad := [k for k in kinds if k not in KINDS]:
         raise ValueError(f"unknown kinds {bad}; use some of {list(KINDS)}")
     if window < 1 or samples < 1:
@@ -97,6 +106,7 @@ def causal_trace(model: PatchModel, facts: FactDataset, *, kinds=("hidden", "mlp
         ids, span = tokens.ids[i][None], tokens.subject_positions[i]
         values, clean_p[i], corrupted_p[i] = trace_fact(model, ids, span, int(tokens.answer_ids[i]), kinds=kinds,
                                                         window=window, scale=noise * std, samples=samples, seed=seed + i,
+                                                        metric=metric, direction=direction,
                                                         replacement=counterfactual[i])
         prob[:, i, :, :ids.shape[1]] = values
         subject[i, span.start:span.stop] = 1
@@ -107,18 +117,20 @@ def causal_trace(model: PatchModel, facts: FactDataset, *, kinds=("hidden", "mlp
                                        for i in range(n_facts)]), axis=0)
     ds = xr.Dataset({
         "average": (("kind", "layer", "position"), average,
-                    {"long_name": "p(answer) averaged over prompts aligned on token groups", "units": "probability"}),
-        "prob": (("kind", "prompt", "layer", "pos"), prob, {"long_name": "p(answer) with the state restored", "units": "probability"}),
-        "clean": ("prompt", clean_p, {"units": "probability"}),
-        "corrupted": ("prompt", corrupted_p, {"units": "probability"}),
+                    {"long_name": f"{metric.value} averaged over prompts aligned on token groups", "units": metric.units}),
+        "prob": (("kind", "prompt", "layer", "pos"), prob,
+                 {"long_name": f"{metric.value} with the state restored (denoising) or corrupted (noising)",
+                  "units": metric.units}),
+        "clean": ("prompt", clean_p, {"units": metric.units}),
+        "corrupted": ("prompt", corrupted_p, {"units": metric.units}),
         "subject": (("prompt", "pos"), subject),
     }, coords={"kind": list(kinds), "prompt": np.arange(n_facts), "position": list(POSITIONS), "layer": np.arange(n_layers), "pos": np.arange(n_pos),
                "token": (("prompt", "pos"), token.astype(str)),
                "fact_prompt": ("prompt", np.asarray([f.prompt for f in facts], dtype=str)),
                "answer": ("prompt", np.asarray([f.answer for f in facts], dtype=str))})
     ds.attrs = provenance_attrs(model_id=model.model_id, model_sha256=model.weights_sha256,
-                                dataset_sha256=facts.sha256(), seed=seed, metric="prob", units="probability",
-                                direction="denoising", corruption=corruption, noise_scale=noise,
+                                dataset_sha256=facts.sha256(), seed=seed, metric=metric.value, units=metric.units,
+                                direction=direction.value, corruption=corruption, noise_scale=noise,
                                 embedding_std=std, samples=samples if corruption == "noise" else 1,
                                 window=window, method="causal tracing (Meng et al. 2022)")
     return ds
@@ -151,34 +163,38 @@ def _counterfactual_ids(model: PatchModel, facts: FactDataset, tokens) -> list[t
 
 
 def trace_fact(model: PatchModel, ids: torch.Tensor, span: range, answer: int, *, kinds, window: int,
-               scale: float, samples: int, seed: int,
+               scale: float, samples: int, seed: int, metric: Metric = Metric.PROB,
+               direction: Direction = Direction.DENOISING,
                replacement: torch.Tensor | None = None) -> tuple[np.ndarray, float, float]:
-    """One fact: p(answer) per (kind, layer, pos) averaged over noise samples (or with the
-    subject replaced by `replacement` ids), and the clean and corrupted p(answer).
+    """One fact: the metric per (kind, layer, pos) averaged over noise samples (or with the
+    subject replaced by `replacement` ids), and the clean and corrupted metric.
     ``ids`` is ``[1, pos]``."""
     n_layers, n_pos = model.layout.n_layers, ids.shape[1]
     sites = {(site, layer) for site in {KINDS[k] for k in kinds} for layer in range(n_layers)}
-    (clean,) = cache_runs(model, [ids], sites | {(Site.RESID_PRE, 0)})
-    embed = clean.acts[(Site.RESID_PRE, 0)]
     resid_sites = {(Site.RESID_PRE, layer) for layer in range(n_layers)}
+    (clean,) = cache_runs(model, [ids], sites | resid_sites)
+    embed = clean.acts[(Site.RESID_PRE, 0)]
     if replacement is None:
         generator = torch.Generator().manual_seed(seed)
         eps = torch.randn(samples, len(span), embed.shape[-1], generator=generator) * scale
         noised = embed.repeat(samples, 1, 1)
         noised[:, span.start:span.stop] += eps.to(noised.dtype)
-        base_ids = ids.repeat(samples, 1)
-        (base,) = cache_runs(model, [base_ids], resid_sites, embeds=noised)
+        corrupted_ids = ids.repeat(samples, 1)
     else:
-        samples, base_ids, noised = 1, replacement, None
-        (base,) = cache_runs(model, [base_ids], resid_sites)
-    source = RunCache(acts={k: v.repeat(samples, *([1] * (v.dim() - 1))) for k, v in clean.acts.items()},
-                      logits=clean.logits.repeat(samples, 1))
-    targets = Targets(correct=torch.full((samples,), answer), incorrect=torch.full((samples,), answer))
+        samples, corrupted_ids, noised = 1, replacement, None
+    (corrupted,) = cache_runs(model, [corrupted_ids], sites | resid_sites, embeds=noised)
+    clean = RunCache(acts={k: v.repeat(samples, *([1] * (v.dim() - 1))) for k, v in clean.acts.items()},
+                     logits=clean.logits.repeat(samples, 1))
+    targets = Targets(correct=torch.full((samples,), answer), incorrect=torch.full((samples,), answer),
+                      clean_logprobs=torch.log_softmax(clean.logits.float(), dim=-1))
     rows = [tuple(Component(site=KINDS[k], layer=layer, pos=p) for layer in
                   ([lay] if k == "hidden" else window_layers(lay, window, n_layers)))
             for k in kinds for lay in range(n_layers) for p in range(n_pos)]
-    values = patch_rows(model, base_ids=base_ids, base=base, source=source, rows=rows, metric=Metric.PROB,
-                        targets=targets, progress=False, base_embeds=noised is not None)
+    if direction is Direction.DENOISING:  # the corrupted run with one clean state restored
+        values = patch_rows(model, base_ids=corrupted_ids, base=corrupted, source=clean, rows=rows, metric=metric,
+                            targets=targets, progress=False, base_embeds=noised is not None)
+    else:  # the clean run with one corrupted state
+        values = patch_rows(model, base_ids=ids.repeat(samples, 1), base=clean, source=corrupted, rows=rows,
+                            metric=metric, targets=targets, progress=False)
     values = values.double().mean(1).numpy().reshape(len(kinds), n_layers, n_pos)
-    clean_p = float(Metric.PROB(source.logits, targets).mean())  # the clean run, repeated
-    return values, clean_p, float(Metric.PROB(base.logits, targets).mean())
+    return values, float(metric(clean.logits, targets).mean()), float(metric(corrupted.logits, targets).mean())

@@ -102,6 +102,52 @@ def test_symmetric_token_replacement_equals_hooks():
         causal_trace(model, FactDataset(facts=(Fact("w1 w2 w3", "w2", " w4"),)), corruption="replace", progress=False)
 
 
+def test_noising_corrupts_one_state_of_the_clean_run():
+    hf = tiny_model("gpt2")
+    model = pl.load_model(hf, tokenizer=tiny_tokenizer(hf.config.vocab_size))
+    facts = FactDataset(facts=(Fact("w1 w2 w3 w4 w5", "w2 w3", " w9"),))
+    samples, seed = 3, 2
+    ds = causal_trace(model, facts, samples=samples, seed=seed, window=1, direction="noising", metric="logprob",
+                      progress=False)
+    assert ds.attrs["direction"] == "noising" and ds.attrs["metric"] == "logprob"
+    tokens = facts.tokenize(model.tokenizer)
+    ids, span, answer = tokens.ids[0][None], tokens.subject_positions[0], int(tokens.answer_ids[0])
+    eps = torch.randn(samples, len(span), hf.config.hidden_size,
+                      generator=torch.Generator().manual_seed(seed)) * 3.0 * ds.attrs["embedding_std"]
+    blocks, noised = hf.transformer.h, {}
+
+    def noise(mod, args, kwargs):
+        x = (args[0] if args else kwargs["hidden_states"]).clone()
+        x[:, span.start:span.stop] += eps
+        return ((x,) + tuple(args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": x})
+
+    handles = [blocks[0].register_forward_pre_hook(noise, with_kwargs=True),
+               blocks[1].mlp.register_forward_hook(lambda m, a, out: noised.__setitem__("mlp", out.clone()))]
+    with torch.no_grad():
+        hf(ids.repeat(samples, 1))
+    for h in handles:
+        h.remove()
+
+    def corrupt(m, a, out):
+        out = out.clone()
+        out[:, 3] = noised["mlp"][:, 3]
+        return out
+
+    handle = blocks[1].mlp.register_forward_hook(corrupt)
+    try:
+        with torch.no_grad():
+            logits = hf(ids.repeat(samples, 1)).logits[:, -1]
+    finally:
+        handle.remove()
+    expected = float(torch.log_softmax(logits.double(), -1)[:, answer].mean())
+    assert float(ds["prob"].sel(kind="mlp", prompt=0, layer=1, pos=3)) == pytest.approx(expected, abs=1e-5)
+    # The last block's output at the last token decides the output: noising it gives the corrupted run.
+    last = float(ds["prob"].sel(kind="hidden", prompt=0, layer=2, pos=4))
+    assert last == pytest.approx(float(ds["corrupted"][0]), abs=1e-5)
+    with pytest.raises(ValueError, match="no incorrect answer"):
+        causal_trace(model, facts, metric="logit_diff", progress=False)
+
+
 def test_average_aligns_prompts_on_token_groups():
     hf = tiny_model("gpt2")
     model = pl.load_model(hf, tokenizer=tiny_tokenizer(hf.config.vocab_size))
