@@ -171,3 +171,17 @@ def test_embedding_std_is_over_subject_tokens():
     assert ds.attrs["embedding_std"] == pytest.approx(float(expected), rel=1e-5)
     with pytest.raises(ValueError, match="unknown kinds"):
         causal_trace(model, facts, kinds=("resid",))
+
+
+def test_trace_round_trips_through_netcdf(tmp_path):
+    import xarray as xr
+
+    hf = tiny_model("gpt2")
+    model = pl.load_model(hf, tokenizer=tiny_tokenizer(hf.config.vocab_size))
+    facts = FactDataset(facts=(Fact("w1 w2 w3 w4", "w2", " w9"), Fact("w5 w6 w7", "w6", " w3")))
+    ds = causal_trace(model, facts, samples=2, window=2, progress=False)
+    ds.to_netcdf(tmp_path / "trace.nc")
+    with xr.open_dataset(tmp_path / "trace.nc") as back:
+        xr.testing.assert_identical(back.load(), ds)
+    assert ds.attrs["noise_scale"] == 3.0 and ds.attrs["samples"] == 2
+    assert list(ds["token"].values[1][:3]) == ["w5", "w6", "w7"] and ds["subject"].values[1].tolist()[:3] == [0, 1, 0]
