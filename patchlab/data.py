@@ -241,30 +241,9 @@ class PromptPairDataset:
                 unknown or badly typed field; the message names the line number.
         """
         path = Path(path)
-        name, corruption, pairs = "custom", "custom", []
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                where = f"{path}, line {lineno}"
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DatasetError(f"{where}: not valid JSON ({e.msg}); "
-                                       "each line must hold one JSON object") from None
-                if not isinstance(obj, dict):
-                    raise DatasetError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-                if "format" in obj:
-                    if pairs or lineno != 1:
-                        raise DatasetError(f"{where}: a header object (with 'format') may only "
-                                           "be the first line")
-                    if obj["format"] != FORMAT:
-                        raise DatasetError(f"{where}: unknown format {obj['format']!r}; "
-                                           f"this version of patchlab reads {FORMAT!r}")
-                    name = obj.get("name", name)
-                    corruption = obj.get("corruption", corruption)
-                    continue
-                pairs.append(_pair_from_json(obj, where))
+        header, records = read_jsonl(path, FORMAT)
+        name, corruption = header.get("name", "custom"), header.get("corruption", "custom")
+        pairs = [_pair_from_json(obj, where) for obj, where in records]
         if not pairs:
             raise DatasetError(f"{path}: holds no prompt pairs; add one JSON object per pair")
         try:
@@ -334,6 +313,39 @@ class PromptPairDataset:
             clean_tokens=tuple(_readable(tokenizer, ids) for ids in clean_ids),
             corrupted_tokens=tuple(_readable(tokenizer, ids) for ids in corrupted_ids),
         )
+
+
+def read_jsonl(path: Path, fmt: str) -> tuple[dict, list[tuple[dict, str]]]:
+    """The optional header object (first line, with ``"format": fmt``) and every other line's
+    JSON object with its location (``"<path>, line N"``) for error messages.
+
+    Raises:
+        DatasetError: invalid JSON, a line that is not an object, a misplaced header or
+            an unknown format.
+    """
+    header, records = {}, []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}, line {lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DatasetError(f"{where}: not valid JSON ({e.msg}); "
+                                   "each line must hold one JSON object") from None
+            if not isinstance(obj, dict):
+                raise DatasetError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+            if "format" in obj:
+                if records or lineno != 1:
+                    raise DatasetError(f"{where}: a header object (with 'format') may only be the first line")
+                if obj["format"] != fmt:
+                    raise DatasetError(f"{where}: unknown format {obj['format']!r}; "
+                                       f"this version of patchlab reads {fmt!r}")
+                header = obj
+                continue
+            records.append((obj, where))
+    return header, records
 
 
 def _pair_from_json(obj: dict, where: str) -> PromptPair:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ._io import atomic_write_text
-from .data import DatasetError, NamedPositions, _readable
+from .data import DatasetError, NamedPositions, _readable, read_jsonl
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -165,26 +165,9 @@ class FactDataset:
                 invalid fact; the message names the file and line and the fix.
         """
         path = Path(path)
-        found_name, facts = path.stem, []
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                where = f"{path}, line {lineno}"
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DatasetError(f"{where}: not valid JSON ({e.msg}); each line must hold "
-                                       "one JSON object") from None
-                if not isinstance(obj, dict):
-                    raise DatasetError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-                if "format" in obj:
-                    if facts or lineno != 1 or obj["format"] != FACTS_FORMAT:
-                        raise DatasetError(f"{where}: a header must be the first line with format "
-                                           f"{FACTS_FORMAT!r}; got {obj['format']!r}")
-                    found_name = obj.get("name", found_name)
-                    continue
-                facts.append(_fact_from_json(obj, where))
+        header, records = read_jsonl(path, FACTS_FORMAT)
+        found_name = header.get("name", path.stem)
+        facts = [_fact_from_json(obj, where) for obj, where in records]
         if not facts:
             raise DatasetError(f"{path}: holds no facts; add one JSON object per fact with keys "
                                "prompt, subject, answer")
