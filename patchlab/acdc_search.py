@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Iterable
 
 import numpy as np
-import xarray as xr
 from tqdm.auto import tqdm
 
 from ._io import atomic_write_text
