@@ -16,6 +16,8 @@ Public API (see README.md for a tour):
 - causal tracing: `Fact`, `FactDataset`, `builtin_facts`, `check_facts`, `causal_trace`,
   `plot_causal_trace`, `plot_causal_trace_summary`
 - experiment folders: `ExperimentRun`
+- remote execution on hosted models (NDIF): `Remote`, `RemoteExecutionError` and its
+  subclasses `RemoteConnectionError`, `RemoteAuthError`, `RemoteJobError`, `RemoteTimeoutError`
 """
 
 from .acdc_search import acdc
@@ -39,6 +41,9 @@ from .metrics import Direction, Metric
 from .models import PatchModel, load_model
 from .patching import patch_components, patch_heads, patch_layer_pos
 from .paths import path_patch_heads
+from . import remote
+from .remote import (Remote, RemoteAuthError, RemoteConnectionError, RemoteExecutionError, RemoteJobError,
+                     RemoteTimeoutError)
 from .plotting import plot_layer_head, plot_layer_pos, plot_sweep
 from .tracing import causal_trace
 from .tracing_plots import plot_causal_trace, plot_causal_trace_summary
@@ -61,4 +66,6 @@ __all__ = [
     "Fact", "FactDataset", "builtin_facts", "check_facts", "causal_trace",
     "plot_causal_trace", "plot_causal_trace_summary",
     "ExperimentRun",
+    "Remote", "RemoteExecutionError", "RemoteConnectionError", "RemoteAuthError", "RemoteJobError",
+    "RemoteTimeoutError",
 ]

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from .components import Site
+from .kernels import common as K
 
 __all__ = ["Adapter", "Layout", "HookPoint", "ADAPTERS", "adapter_for", "UnsupportedModelError"]
 
@@ -113,43 +114,42 @@ class Adapter:
             return False
         return self.mid_norm is not None
 
-    # ---- module access ----------------------------------------------------
+    # ---- the plain description read by trace kernels ------------------------------------------
+    def arch(self, model: torch.nn.Module, layout: Layout, block_output_arity: int = 0) -> dict:
+        """Module paths, head layout and sizes as a plain dict: what `patchlab.kernels` read
+        inside traces (they cannot use this class on a server that lacks patchlab)."""
+        o_proj = self.module(model, self.point(Site.HEAD, 0))
+        return {**self._paths, "has_resid_mid": self.has_resid_mid(model.config), "post_norms": self.post_norms,
+                "conv1d": type(o_proj).__name__ == "Conv1D", "arity": block_output_arity,
+                "n_layers": layout.n_layers, "n_heads": layout.n_heads, "n_kv_heads": layout.n_kv_heads,
+                "d_head": layout.d_head, "d_model": layout.d_model}
+
+    @functools.cached_property
+    def _paths(self) -> dict:
+        return {"blocks": self.blocks, "o_proj": self.o_proj, "attn_out": self.attn_out, "mlp_out": self.mlp_out,
+                "mid_norm": self.mid_norm, "attn_norm": self.attn_norm, "final_norm": self.final_norm,
+                "q": self.q, "k": self.k, "v": self.v, "qkv": self.qkv, "qkv_layout": self.qkv_layout}
+
+    # ---- module access (one implementation: the kernels') ----------------------------------------
     def block(self, root, layer: int):
-        return _get(root, self.blocks)[layer]
+        return K.block(root, self._paths, layer)
 
     def module(self, root, point: HookPoint):
-        return _get(self.block(root, point.layer), point.path) if point.path else self.block(root, point.layer)
+        return K.module(self.block(root, point.layer), point.path)
 
     def point(self, site: Site, layer: int) -> HookPoint:
         """The hook point that carries `site` at `layer` (for reading)."""
-        if site is Site.RESID_PRE:
-            return HookPoint(layer, "", "input", 0)
-        if site in (Site.Q, Site.K, Site.V):
-            if self.qkv is not None:
-                return HookPoint(layer, self.qkv, "output", 1)
-            path = {Site.Q: self.q, Site.K: self.k, Site.V: self.v}[site]
-            return HookPoint(layer, path, "output", 1 + "qkv".index(site.value))
-        if site is Site.HEAD:
-            return HookPoint(layer, self.o_proj, "input", 4)
-        if site is Site.ATTN_OUT:
-            return HookPoint(layer, self.attn_out, "output", 5)
-        if site is Site.RESID_MID:
-            return HookPoint(layer, self.mid_norm, "input", 6)
-        if site is Site.MLP_OUT:
-            return HookPoint(layer, self.mlp_out, "output", 7)
-        if site is Site.RESID_POST:
-            return HookPoint(layer, "", "output", 8)
-        raise ValueError(f"unknown site {site!r}")
+        return HookPoint(*K.point(self._paths, site.value, layer))
 
     def mlp_in_point(self, layer: int) -> HookPoint:
         """The input of the norm in front of the MLP: the residual stream the MLP reads."""
-        return HookPoint(layer, self.mid_norm, "input", 6)
+        return HookPoint(*K.mlp_in_point(self._paths, layer))
 
     def final_norm_module(self, root):
-        return _get(root, self.final_norm)
+        return K.module(root, self.final_norm)
 
     def attn_norm_module(self, root, layer: int):
-        return _get(self.block(root, layer), self.attn_norm)
+        return K.module(self.block(root, layer), self.attn_norm)
 
     def attn_post_norm(self) -> bool:
         """Whether the attention output passes a norm before the residual stream (Gemma)."""
@@ -157,53 +157,29 @@ class Adapter:
 
     def head_weights(self, root, layer: int, layout: Layout) -> torch.Tensor:
         """Output projection split per head, ``[head, d_head, d_model]`` (no bias)."""
-        module = self.module(root, self.point(Site.HEAD, layer))
-        weight = module.weight if type(module).__name__ == "Conv1D" else module.weight.T
-        return weight.reshape(layout.n_heads, layout.d_head, layout.d_model)
+        return K.head_weights(root, self.arch(root, layout), layer)
 
     def input_head_weights(self, root, site: Site, layer: int, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
         """The q, k or v projection split per (key/value) head: weight ``[d_model, head, d_head]``
         and bias ``[head, d_head]`` (zeros without one), so that head h's slice of the
         projection output is ``x @ weight[:, h] + bias[h]``."""
-        module = self.module(root, self.point(site, layer))
-        weight = module.weight if type(module).__name__ == "Conv1D" else module.weight.T  # [d_model, out]
-        bias = module.bias if getattr(module, "bias", None) is not None else torch.zeros_like(weight[0])
-        return self.view(site, weight[None], layout)[0], self.view(site, bias[None, None], layout)[0, 0]
+        return K.input_head_weights(root, self.arch(root, layout), site.value, layer)
 
     def write_point(self, site: Site, layer: int) -> HookPoint:
         """The hook point written to patch `site`: resid_mid is written through the attention branch."""
-        return self.point(Site.ATTN_OUT if site is Site.RESID_MID else site, layer)
+        return HookPoint(*K.write_point(self._paths, site.value, layer))
 
     # ---- canonical views ---------------------------------------------------
     def view(self, site: Site, raw: torch.Tensor, layout: Layout) -> torch.Tensor:
         """The site's value in canonical shape: ``[batch, pos, d_model]`` or ``[batch, pos, head, d_head]``."""
-        if not site.per_head:
-            return raw
-        b, t = raw.shape[:2]
-        dh = layout.d_head
-        if site is Site.HEAD or self.qkv is None:
-            return raw.reshape(b, t, layout.n_heads_at(site), dh)
-        i = "qkv".index(site.value)
-        if self.qkv_layout == "split3":
-            d = layout.n_heads * dh
-            return raw[..., i * d:(i + 1) * d].reshape(b, t, layout.n_heads, dh)
-        return raw.reshape(b, t, layout.n_heads, 3, dh)[..., i, :]
+        return K.view(self._layout_arch(layout), site.value, raw)
 
     def unview(self, site: Site, raw: torch.Tensor, new: torch.Tensor, layout: Layout) -> torch.Tensor:
         """Inverse of `view`: the raw module value with the site's part replaced by `new`."""
-        if not site.per_head:
-            return new
-        b, t = raw.shape[:2]
-        if site is Site.HEAD or self.qkv is None:
-            return new.reshape(raw.shape)
-        i = "qkv".index(site.value)
-        out = raw.clone()
-        if self.qkv_layout == "split3":
-            d = layout.n_heads * layout.d_head
-            out[..., i * d:(i + 1) * d] = new.reshape(b, t, d)
-        else:
-            out.view(b, t, layout.n_heads, 3, layout.d_head)[..., i, :] = new
-        return out
+        return K.unview(self._layout_arch(layout), site.value, raw, new)
+
+    def _layout_arch(self, layout: Layout) -> dict:
+        return {**self._paths, "n_heads": layout.n_heads, "n_kv_heads": layout.n_kv_heads, "d_head": layout.d_head}
 
     # ---- validation ---------------------------------------------------------
     def validate(self, model: torch.nn.Module, layout: Layout) -> None:
@@ -239,8 +215,7 @@ class Adapter:
 
 
 def _get(root, path: str):
-    return functools.reduce(lambda obj, name: obj[int(name)] if name.isdigit() else getattr(obj, name),
-                            path.split("."), root) if path else root
+    return K.module(root, path)
 
 
 def _in_features(module) -> int | None:

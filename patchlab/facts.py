@@ -25,6 +25,8 @@ import torch
 
 from ._io import atomic_write_text
 from .data import DatasetError, NamedPositions, _readable, read_jsonl
+from .kernels import patching as kpatching
+from .remote import execute
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -313,10 +315,11 @@ def builtin_facts() -> FactDataset:
 
 
 def check_facts(model: PatchModel, dataset: FactDataset, *,
-                min_prob: float = 0.1) -> tuple[FactDataset, xr.Dataset]:
+                min_prob: float = 0.1, remote=None) -> tuple[FactDataset, xr.Dataset]:
     """Keep the facts the model answers correctly, and record how well it answers each.
 
-    Each prompt is run alone (no padding) through ``model.hf``. A fact is kept when the
+    Each prompt is run alone (no padding), all in one program (one request with
+    ``remote``, see `patchlab.remote`). A fact is kept when the
     answer's first token is the top-1 next token at the last position (the criterion of
     Meng et al. 2022's "known facts") and its probability is at least `min_prob`, so that
     causal tracing has a clean effect to restore.
@@ -337,13 +340,9 @@ def check_facts(model: PatchModel, dataset: FactDataset, *,
             or not 0.0 <= min_prob <= 1.0:
         raise ValueError(f"min_prob must be a number in [0, 1], got {min_prob!r}")
     tokenized = dataset.tokenize(model.tokenizer)
-    probs, top_ids = [], []
-    with torch.no_grad():
-        for ids in tokenized.ids:
-            logits = model.hf(ids[None].to(model.device)).logits[0, -1].float()
-            probs.append(logits.softmax(-1).cpu())
-            top_ids.append(int(logits.argmax()))
-    prob = [float(p[a]) for p, a in zip(probs, tokenized.answer_ids.tolist())]
+    out = execute(model, kpatching.answer_program, model.arch(), [ids[None] for ids in tokenized.ids],
+                  tokenized.answer_ids.tolist(), remote=remote)
+    prob, top_ids = out["prob"].tolist(), out["top"].tolist()
     top1 = [t == a for t, a in zip(top_ids, tokenized.answer_ids.tolist())]
     kept = [t and p >= min_prob for t, p in zip(top1, prob)]
     coords = {"fact": range(len(dataset)),

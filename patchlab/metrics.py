@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .kernels import common as K
+
 __all__ = ["Metric", "Targets", "Direction", "get_metric", "score_formula", "normalised_score"]
 
 
@@ -77,19 +79,10 @@ class Metric(enum.Enum):
 
     def __call__(self, logits: torch.Tensor, targets: Targets) -> torch.Tensor:
         """Metric per row, ``[batch]``, from final-position logits ``[batch, vocab]``."""
-        if logits.dtype.itemsize < 4:  # half precision: compute in float32; float64 stays float64
-            logits = logits.float()
-        if self is Metric.LOGIT_DIFF:
-            return (logits.gather(-1, targets.correct[:, None]) - logits.gather(-1, targets.incorrect[:, None]))[:, 0]
-        logprobs = torch.log_softmax(logits, dim=-1)
-        if self is Metric.LOGPROB:
-            return logprobs.gather(-1, targets.correct[:, None])[:, 0]
-        if self is Metric.PROB:
-            return logprobs.gather(-1, targets.correct[:, None])[:, 0].exp()
-        if targets.clean_logprobs is None:
+        if self is Metric.KL and targets.clean_logprobs is None:
             raise ValueError("the KL metric needs Targets.clean_logprobs")
-        clean = targets.clean_logprobs
-        return (clean.exp() * (clean - logprobs)).sum(-1)
+        return K.metric(self.value, logits, {"correct": targets.correct, "incorrect": targets.incorrect,
+                                             "clean_logprobs": targets.clean_logprobs})
 
 
 def get_metric(metric: "Metric | str") -> Metric:

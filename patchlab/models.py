@@ -34,6 +34,9 @@ class PatchModel:
             shapes, bytes), identifying the exact weights used.
         block_output_arity: 0 if a decoder block returns a tensor, else the length
             of the tuple it returns (first element: hidden states).
+        hub_id, revision: the Hugging Face checkpoint a remote server knows the model by.
+        remote: where algorithms run by default (their ``remote=None``); None: here.
+            Set by ``load_model(..., remote=...)``; see `patchlab.remote`.
     """
 
     nn: Any
@@ -44,10 +47,25 @@ class PatchModel:
     model_id: str
     weights_sha256: str
     block_output_arity: int
+    hub_id: str | None = None
+    revision: str | None = None
+    remote: Any = None
 
     @property
     def device(self) -> torch.device:
-        return next(self.hf.parameters()).device
+        """Where inputs go: the model's device, or the CPU for a model on the meta device
+        (weights only on a remote server)."""
+        device = next(self.hf.parameters()).device
+        return torch.device("cpu") if device.type == "meta" else device
+
+    @property
+    def is_meta(self) -> bool:
+        """The weights are not here (loaded for remote execution only)."""
+        return next(self.hf.parameters()).device.type == "meta"
+
+    def arch(self) -> dict:
+        """The plain description of the model that trace kernels read (`patchlab.kernels`)."""
+        return self.adapter.arch(self.hf, self.layout, self.block_output_arity)
 
     def __repr__(self) -> str:
         lay = self.layout
@@ -57,7 +75,8 @@ class PatchModel:
 
 def load_model(model: str | os.PathLike | torch.nn.Module = "smollm2-135m", *, tokenizer: Any = None,
                dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-               attn_implementation: str | None = None, model_id: str | None = None) -> PatchModel:
+               attn_implementation: str | None = None, model_id: str | None = None,
+               hub_id: str | None = None, revision: str | None = None, remote: Any = False) -> PatchModel:
     """Load a causal LM and wrap it in nnsight for patching.
 
     Args:
@@ -71,6 +90,15 @@ def load_model(model: str | os.PathLike | torch.nn.Module = "smollm2-135m", *, t
         attn_implementation: passed to ``from_pretrained`` ("eager" exposes
             attention patterns; default: the library's choice).
         model_id: name recorded in results; defaults to what was passed.
+        hub_id, revision: the Hub checkpoint a remote server knows the model by;
+            default: the Hub id given as `model` (or the embedded model's original).
+        remote: where patchlab's algorithms run this model by default (each also
+            takes ``remote=``): False (here), True (the configured NDIF host), a host
+            URL, ``"local"`` (in-process simulation) or a `patchlab.Remote`. With a
+            server, the model is built on the **meta device** from its config (no
+            weights are loaded or downloaded; the config and tokenizer still come from
+            `model`: a Hub id, its cache, or a folder), so a model that exists only on
+            the server can be traced.
 
     Returns:
         A `PatchModel`.
@@ -79,10 +107,15 @@ def load_model(model: str | os.PathLike | torch.nn.Module = "smollm2-135m", *, t
         UnsupportedModelError: no adapter for the architecture (lists the families).
         patchlab.embedded.EmbeddedModelMissing: an embedded model's package is not installed
             (the message gives the pip command).
-        ValueError: a built model given without a tokenizer.
+        ValueError: a built model given without a tokenizer, or an invalid `remote`.
     """
     from nnsight.modeling.transformers import TransformersModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .remote import resolve_remote
+
+    remote = resolve_remote(remote)
+    meta = remote is not None and not remote.simulate and not isinstance(model, torch.nn.Module)
 
     if isinstance(model, torch.nn.Module):
         if tokenizer is None:
@@ -94,19 +127,29 @@ def load_model(model: str | os.PathLike | torch.nn.Module = "smollm2-135m", *, t
         kwargs = {"dtype": dtype}
         if attn_implementation:
             kwargs["attn_implementation"] = attn_implementation
-        hf = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         tokenizer = tokenizer or AutoTokenizer.from_pretrained(source)
+        if meta:  # nnsight builds it on the meta device from the config: no weights
+            wrapped = TransformersModel(source, tokenizer=tokenizer, task="text-generation", **kwargs)
+            hf = wrapped._module
+        else:
+            hf = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         model_id = model_id or str(model)
+        hub_id = hub_id or _hub_id(model)
     adapter = adapter_for(hf.config)  # fail fast, before moving weights around
-    hf = hf.to(device=device, dtype=dtype).eval()
+    if not meta:
+        hf = hf.to(device=device, dtype=dtype)
+    hf.eval()
     for param in hf.parameters():
         param.requires_grad_(False)
     layout = adapter.layout(hf.config)
     adapter.validate(hf, layout)
-    wrapped = TransformersModel(hf, tokenizer=tokenizer, task="text-generation")
+    if not meta:
+        wrapped = TransformersModel(hf, tokenizer=tokenizer, task="text-generation")
     loaded = PatchModel(nn=wrapped, hf=hf, tokenizer=wrapped.tokenizer or tokenizer, adapter=adapter,
-                        layout=layout, model_id=model_id, weights_sha256=weights_sha256(hf),
-                        block_output_arity=_block_output_arity(hf, adapter))
+                        layout=layout, model_id=model_id,
+                        weights_sha256="" if meta else weights_sha256(hf),
+                        block_output_arity=_block_output_arity(hf, adapter),
+                        hub_id=hub_id, revision=revision, remote=remote)
     log.info("loaded %r", loaded)
     return loaded
 
@@ -122,6 +165,17 @@ def _resolve_source(model: str | os.PathLike) -> str:
     return name  # a Hub id: from_pretrained resolves it (needs network or the HF cache)
 
 
+def _hub_id(model: str | os.PathLike) -> str | None:
+    from . import embedded
+
+    name = str(model)
+    if name in embedded.EMBEDDED_MODELS:
+        return embedded.EMBEDDED_MODELS[name].hub_id
+    if Path(name).expanduser().is_dir():
+        return None
+    return name
+
+
 def weights_sha256(model: torch.nn.Module) -> str:
     """sha256 over the model's state dict: names, dtypes, shapes and raw bytes, in name order."""
     digest = hashlib.sha256()
@@ -133,7 +187,8 @@ def weights_sha256(model: torch.nn.Module) -> str:
 
 
 def _block_output_arity(hf: torch.nn.Module, adapter: Adapter) -> int:
-    """Run one token through the model with a plain hook to see what a block returns."""
+    """Run one token through the model with a plain hook to see what a block returns
+    (on the meta device too: shapes only)."""
     seen: list[Any] = []
     handle = adapter.block(hf, 0).register_forward_hook(lambda _m, _i, out: seen.append(out))
     try:

@@ -33,7 +33,7 @@ from .data import PromptPairDataset, TokenizedPairs
 from .metrics import Direction, Metric, Targets, get_metric, normalised_score, score_formula
 from .models import PatchModel
 from .provenance import provenance_attrs
-from .runner import RunCache, cache_runs, patch_rows
+from .runner import CachePass, RunCache, cache_runs, patch_rows
 
 __all__ = ["patch_components", "patch_layer_pos", "patch_heads"]
 
@@ -43,7 +43,8 @@ _RESID_SITES = (Site.RESID_PRE, Site.RESID_MID, Site.RESID_POST, Site.ATTN_OUT, 
 def patch_layer_pos(model: PatchModel, dataset: PromptPairDataset, *, site: Site | str = Site.RESID_PRE,
                     layers: Iterable[int] | None = None, positions: Iterable[int] | None = None,
                     metric: Metric | str = Metric.LOGIT_DIFF, direction: Direction | str = Direction.DENOISING,
-                    seed: int | None = None, progress: bool = True, memory_mb: float = 1024) -> xr.Dataset:
+                    seed: int | None = None, progress: bool = True, memory_mb: float = 1024,
+                    remote=None) -> xr.Dataset:
     """Patch a d_model-wide site (residual stream, attention or MLP output) at each layer and position.
 
     Args:
@@ -52,6 +53,9 @@ def patch_layer_pos(model: PatchModel, dataset: PromptPairDataset, *, site: Site
         metric: a `Metric` or its name; values are in its units (nats, probability).
         direction: ``denoising`` or ``noising``.
         seed: recorded in attrs (the seed that generated `dataset`).
+        remote: run on a hosted model (NDIF): True, a host URL, "local" or a
+            `patchlab.Remote`; None: the model's default. The whole sweep is one
+            request (see `patchlab.remote`).
 
     Returns:
         Dataset with ``patched`` (layer, pos, prompt), ``score`` (layer, pos),
@@ -71,7 +75,7 @@ def patch_layer_pos(model: PatchModel, dataset: PromptPairDataset, *, site: Site
     layers = _check_range("layer", layers, model.layout.n_layers)
     positions = _check_range("pos", positions, tokens.n_pos)
     grid = [Component(site=site, layer=layer, pos=p) for layer in layers for p in positions]
-    values, base = _run(model, tokens, grid, metric, direction, progress, memory_mb)
+    values, base = _run(model, tokens, grid, metric, direction, progress, memory_mb, remote)
     patched = values.reshape(len(layers), len(positions), -1)
     return result_dataset(model, dataset, tokens, base, patched, ("layer", "pos"),
                     {"layer": layers, "pos": positions}, site.value, seed)
@@ -80,7 +84,8 @@ def patch_layer_pos(model: PatchModel, dataset: PromptPairDataset, *, site: Site
 def patch_heads(model: PatchModel, dataset: PromptPairDataset, *, site: Site | str = Site.HEAD,
                 per_position: bool = False, layers: Iterable[int] | None = None,
                 metric: Metric | str = Metric.LOGIT_DIFF, direction: Direction | str = Direction.DENOISING,
-                seed: int | None = None, progress: bool = True, memory_mb: float = 1024) -> xr.Dataset:
+                seed: int | None = None, progress: bool = True, memory_mb: float = 1024,
+                    remote=None) -> xr.Dataset:
     """Patch every attention head's output, or its q, k or v input, at each layer.
 
     For ``k`` and ``v`` on grouped-query models the ``head`` dim indexes key/value
@@ -106,7 +111,7 @@ def patch_heads(model: PatchModel, dataset: PromptPairDataset, *, site: Site | s
     positions = list(range(tokens.n_pos)) if per_position else [None]
     grid = [Component(site=site, layer=layer, head=h, pos=p)
             for layer, h, p in itertools.product(layers, heads, positions)]
-    values, base = _run(model, tokens, grid, metric, direction, progress, memory_mb)
+    values, base = _run(model, tokens, grid, metric, direction, progress, memory_mb, remote)
     dims, coords = ("layer", "head"), {"layer": layers, "head": heads}
     if per_position:
         dims, coords = dims + ("pos",), {**coords, "pos": positions}
@@ -119,7 +124,8 @@ def patch_heads(model: PatchModel, dataset: PromptPairDataset, *, site: Site | s
 
 def patch_components(model: PatchModel, dataset: PromptPairDataset, components: Sequence[Component], *,
                      metric: Metric | str = Metric.LOGIT_DIFF, direction: Direction | str = Direction.DENOISING,
-                     seed: int | None = None, progress: bool = True, memory_mb: float = 1024) -> xr.Dataset:
+                     seed: int | None = None, progress: bool = True, memory_mb: float = 1024,
+                    remote=None) -> xr.Dataset:
     """Patch each of an arbitrary list of components, one per row.
 
     Returns:
@@ -133,7 +139,7 @@ def patch_components(model: PatchModel, dataset: PromptPairDataset, components: 
     tokens = tokenize_for(model, dataset)
     for c in components:
         _check_component(model, tokens, c)
-    values, base = _run(model, tokens, components, metric, direction, progress, memory_mb)
+    values, base = _run(model, tokens, components, metric, direction, progress, memory_mb, remote)
     ds = result_dataset(model, dataset, tokens, base, values, ("component",),
                   {"component": [c.label for c in components]}, "mixed", seed)
     return ds.assign_coords(layer=("component", [c.layer for c in components]),
@@ -199,14 +205,25 @@ def prepare_runs(model: PatchModel, tokens: TokenizedPairs, sites, metric: Metri
 
 
 def _run(model: PatchModel, tokens: TokenizedPairs, grid: list[Component], metric, direction,
-         progress: bool, memory_mb: float):
+         progress: bool, memory_mb: float, remote=None):
     for c in {(c.site, c.layer): c for c in grid}.values():
         _check_component(model, tokens, c)
-    sites = {(Site.RESID_PRE, layer) for layer in range(model.layout.n_layers)} | {(c.site, c.layer) for c in grid}
-    runs = prepare_runs(model, tokens, sites, metric, direction)
-    values = patch_rows(model, base_ids=runs.base_ids, base=runs.base, source=runs.source, rows=[(c,) for c in grid],
-                        metric=runs.metric, targets=runs.targets, memory_mb=memory_mb, progress=progress)
-    return values, runs.baselines
+    metric, direction = get_metric(metric), Direction(direction)
+    base, source = ("corrupted", "clean") if direction is Direction.DENOISING else ("clean", "corrupted")
+    result = patch_rows(model, passes=[run_pair(tokens)], base=base, source=source,
+                        base_ids=tokens.corrupted_ids if base == "corrupted" else tokens.clean_ids,
+                        rows=[(c,) for c in grid], metric=metric, targets=pair_targets(tokens),
+                        memory_mb=memory_mb, progress=progress, remote=remote)
+    return result.values, {"metric": metric, "direction": direction, **result.runs}
+
+
+def run_pair(tokens: TokenizedPairs) -> CachePass:
+    """The cache pass of the clean and corrupted runs (one forward pass)."""
+    return CachePass(names=("clean", "corrupted"), ids=torch.cat([tokens.clean_ids, tokens.corrupted_ids]))
+
+
+def pair_targets(tokens: TokenizedPairs) -> Targets:
+    return Targets(correct=tokens.correct_ids, incorrect=tokens.incorrect_ids)
 
 
 def result_dataset(model: PatchModel, dataset: PromptPairDataset, tokens: TokenizedPairs, base: dict,

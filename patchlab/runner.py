@@ -1,4 +1,4 @@
-"""The runner: the only module that opens nnsight traces for patching.
+"""The runner: plans activation patching on the client and runs it as one program.
 
 Two operations:
 
@@ -10,29 +10,32 @@ Two operations:
   base run. Rows are laid out along the batch (batch index = row * n_prompts +
   prompt) and each hook point gets one vectorised ``torch.where`` write.
 
-Work that cannot change is not recomputed: a chunk whose earliest patch is at
-layer ``L`` skips blocks ``0..L-1`` (their output is the base run's cached
-residual stream entering ``L``), and only the final position's logits are
-computed (``logits_to_keep=1``).
+Both run their model work through `patchlab.remote.execute`: one session, here or
+as one remote request; the caches stay where the model is. Work that cannot
+change is not recomputed: a chunk whose earliest patch is at layer ``L`` skips
+blocks ``0..L-1`` (their output is the base run's cached residual stream
+entering ``L``), and only the final position's logits are computed
+(``logits_to_keep=1``).
 """
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
-import nnsight
 import torch
 from tqdm.auto import tqdm
 
-from .adapters import HookPoint
 from .components import Component, Site
+from .kernels import patching as kpatching
 from .metrics import Metric, Targets
 from .models import PatchModel
+from .remote import execute, resolve_remote
 
-__all__ = ["RunCache", "cache_runs", "patch_rows", "rows_per_chunk", "chunk_rows", "skip_value"]
+__all__ = ["RunCache", "CachePass", "cache_runs", "patch_rows", "rows_per_chunk", "chunk_rows", "skip_value",
+           "progress_callback"]
 
 
 @dataclass(frozen=True)
@@ -49,70 +52,95 @@ class RunCache:
     logits: torch.Tensor
 
 
+@dataclass(frozen=True)
+class CachePass:
+    """One forward pass that caches runs stacked along the batch.
+
+    Attributes:
+        names: the runs, in batch order (e.g. ``("clean", "corrupted")``).
+        ids: their tokens, ``[run * prompt, pos]``.
+        noise: start from run ``noise["from"]``'s block-0 input plus ``noise["eps"]``
+            (``[prompt, n, d_model]``) at positions ``noise["start"] ..`` (causal tracing).
+    """
+
+    names: tuple[str, ...]
+    ids: torch.Tensor
+    noise: dict | None = field(default=None)
+
+
 def cache_runs(model: PatchModel, runs: Sequence[torch.Tensor], sites: Iterable[tuple[Site, int]], *,
-               embeds: torch.Tensor | None = None) -> list[RunCache]:
+               remote=None) -> list[RunCache]:
     """Run several token batches (each ``[prompt, pos]``, same shape) in one forward pass.
 
-    Args:
-        embeds: the residual stream entering block 0 for all runs together,
-            ``[run * prompt, pos, d_model]``, instead of the tokens' embeddings (e.g.
-            noised embeddings for causal tracing).
-
-    Returns one `RunCache` per run with the activations at `sites`.
+    Returns one `RunCache` per run with the activations at `sites` (they come back to
+    the client: with a remote model, cache only what you need).
     """
-    ids = torch.cat(list(runs)).to(model.device)
-    sites = set(sites)
-    if embeds is not None:
-        sites.add((Site.RESID_PRE, 0))
-    by_point: dict[HookPoint, list[Site]] = defaultdict(list)
-    for site, layer in sorted(set(sites), key=lambda sl: (sl[1], sl[0].order)):
-        by_point[model.adapter.point(site, layer)].append(site)
-    adapter, layout, nn = model.adapter, model.layout, model.nn
-    with torch.no_grad(), nn.trace(ids, logits_to_keep=1):
-        store = nnsight.save({})
-        for point in sorted(by_point, key=lambda p: p.sort_key):
-            if embeds is not None and point == adapter.point(Site.RESID_PRE, 0):
-                adapter.block(nn, 0).input = embeds.to(model.device)
-            raw = _first(_read(adapter.module(nn, point), point))
-            for site in by_point[point]:
-                store[(site, point.layer)] = adapter.view(site, raw, layout).clone()
-        store["logits"] = nn.output.logits[:, -1].clone()
-    n = runs[0].shape[0]
-    return [RunCache(acts={k: v[i * n:(i + 1) * n] for k, v in store.items() if k != "logits"},
-                     logits=store["logits"][i * n:(i + 1) * n]) for i in range(len(runs))]
+    names = tuple(str(i) for i in range(len(runs)))
+    spec = [{"names": names, "ids": torch.cat(list(runs)), "sites": _site_values(sites)}]
+    acts = execute(model, kpatching.cache_runs, model.arch(), spec, remote=remote)
+    return [RunCache(acts={(Site(k[1]), k[2]): v for k, v in acts.items() if k[0] == name and k[1] != "logits"},
+                     logits=acts[(name, "logits")]) for name in names]
 
 
-def patch_rows(model: PatchModel, *, base_ids: torch.Tensor, base: RunCache, source: RunCache,
-               rows: Sequence[tuple[Component, ...]], metric: Metric, targets: Targets,
-               max_rows: int | None = None, memory_mb: float = 1024, progress: bool = True,
-               base_embeds: bool = False) -> torch.Tensor:
+@dataclass(frozen=True)
+class PatchResult:
+    """Metric values of `patch_rows`: ``values`` ``[row, prompt]`` and each run's own ``runs[name]`` ``[prompt]``."""
+
+    values: torch.Tensor
+    runs: dict[str, torch.Tensor]
+
+
+def patch_rows(model: PatchModel, *, passes: Sequence[CachePass], base: str, source: str, base_ids: torch.Tensor,
+               rows: Sequence[tuple[Component, ...]], metric: Metric, targets: Targets, kl_from: str = "clean",
+               base_embeds: bool = False, max_rows: int | None = None, memory_mb: float = 1024,
+               progress: bool = True, remote=None) -> PatchResult:
     """Metric of the base run with each row's components patched from the source run.
 
+    Caching the runs and every patched pass form one program (`patchlab.kernels.patching`):
+    one session here, one request remotely.
+
     Args:
-        base_ids: the run patched into, ``[prompt, pos]``.
-        base: its cache; must hold ``resid_pre`` at every layer that a row starts at.
-        source: the cache of the run the patched values come from; must hold
-            every (site, layer) that the rows patch.
+        passes: the cache passes that create the runs (the base and source among them).
+        base, source: names of the run patched into and of the run the values come from.
+        base_ids: the base run's tokens, ``[prompt, pos]``.
         rows: one tuple of components per row.
-        metric: evaluated on the final position's logits.
-        targets: per-prompt targets, ``[prompt]``.
+        metric: evaluated on the final position's logits; `targets` per prompt
+            (``[prompt]``); KL compares with run `kl_from`.
         max_rows / memory_mb: chunk size: at most `max_rows` rows per forward pass,
             else as many as an estimate of activation memory allows.
-        base_embeds: the base run is defined by its cached block-0 input (``resid_pre``
-            at layer 0, e.g. noised embeddings), not by its tokens' embeddings.
+        base_embeds: the base run starts from its cached block-0 input (e.g. noised
+            embeddings), not from its tokens' embeddings.
+        remote: see `patchlab.remote` (None: the model's default).
 
     Returns:
-        Metric values, ``[row, prompt]``.
+        `PatchResult`: ``values`` ``[row, prompt]`` and each run's metric.
     """
-    n_prompts = base_ids.shape[0]
-    limit = max_rows or rows_per_chunk(model, n_prompts, base_ids.shape[1], memory_mb)
-    chunks = chunk_rows([_start_layer(model, row) for row in rows], limit)
-    out = torch.empty(len(rows), n_prompts)
-    for chunk in tqdm(chunks, desc="patching", unit="pass", disable=not progress, leave=False):
-        logits = _run_chunk(model, base_ids, base, source, [rows[r] for r in chunk], base_embeds)
-        values = metric(logits, targets.repeat(len(chunk)))
-        out[chunk] = values.reshape(len(chunk), n_prompts).cpu()
-    return out
+    n_prompts, n_pos = base_ids.shape
+    limit = max_rows or rows_per_chunk(model, n_prompts, n_pos, memory_mb)
+    starts = [_start_layer(model, row) for row in rows]
+    chunks = chunk_rows(starts, limit)
+    sites = {(Site.RESID_PRE, layer) for layer in set(starts) | {0}} | {(c.site, c.layer) for row in rows for c in row}
+    spec = {"arch": model.arch(), "base": base, "source": source, "base_ids": base_ids,
+            "base_embeds": base_embeds, "metric": metric.value, "kl_from": kl_from,
+            "targets": {"correct": targets.correct, "incorrect": targets.incorrect},
+            "runs": [{"names": p.names, "ids": p.ids, "sites": _site_values(sites), "noise": p.noise} for p in passes],
+            "chunks": [{"start": starts[chunk[0]], "n_rows": len(chunk),
+                        "writes": _plan_writes(model, [rows[r] for r in chunk], n_prompts, n_pos)} for chunk in chunks]}
+    with tqdm(total=len(chunks), desc="patching", unit="pass", disable=not progress, leave=False) as bar:
+        out = execute(model, kpatching.patch_program, spec, progress_callback(model, remote, bar), remote=remote)
+    values = torch.empty(len(rows), n_prompts)
+    for chunk, v in zip(chunks, out["values"]):
+        values[chunk] = v.reshape(len(chunk), n_prompts).cpu()
+    return PatchResult(values=values, runs={k: v.cpu() for k, v in out["runs"].items()})
+
+
+def progress_callback(model: PatchModel, remote, bar):
+    """`bar.update` when running here; None remotely (a progress bar cannot travel)."""
+    return None if resolve_remote(remote, model.remote) is not None else bar.update
+
+
+def _site_values(sites) -> list[tuple[str, int]]:
+    return sorted({(site.value, layer) for site, layer in sites}, key=lambda sl: (sl[1], sl[0]))
 
 
 def chunk_rows(start_layers: Sequence[int], limit: float, weights: Sequence[float] | None = None) -> list[list[int]]:
@@ -151,45 +179,9 @@ def _start_layer(model: PatchModel, row: tuple[Component, ...]) -> int:
     return min(model.adapter.write_point(c.site, c.layer).layer for c in row)
 
 
-def _run_chunk(model: PatchModel, base_ids, base: RunCache, source: RunCache,
-               rows: Sequence[tuple[Component, ...]], base_embeds: bool = False) -> torch.Tensor:
-    adapter, layout, nn = model.adapter, model.layout, model.nn
-    n_rows, (n_prompts, n_pos) = len(rows), base_ids.shape
-    writes = _plan_writes(model, source, rows, n_prompts, n_pos)
-    start = min(p.layer for p in writes)
-    embed_point = adapter.point(Site.RESID_PRE, 0)
-    if base_embeds and start == 0:
-        writes.setdefault(embed_point, [])
-    ids = base_ids.repeat(n_rows, 1).to(model.device)
-    skip_to = skip_value(model, base, start, n_rows)
-    with torch.no_grad(), nn.trace(ids, logits_to_keep=1):
-        for layer in range(start):
-            adapter.block(nn, layer).skip(skip_to)
-        resid_pre = None
-        for point in sorted(writes, key=lambda p: p.sort_key):
-            module = adapter.module(nn, point)
-            value = _read(module, point)
-            raw = _first(value)
-            new = raw
-            if base_embeds and point == embed_point:
-                new = base.acts[(Site.RESID_PRE, 0)].repeat(n_rows, 1, 1).to(raw.device)
-            for site, mask, src in writes[point]:
-                if site is Site.RESID_MID:
-                    current = resid_pre + new
-                    new = new + torch.where(mask[..., None], src - current, torch.zeros_like(new))
-                else:
-                    view = adapter.view(site, new, layout)
-                    new = adapter.unview(site, new, torch.where(mask[..., None], src, view), layout)
-            _write(module, point, value, new)
-            if point.io == "input" and point.path == "":
-                resid_pre = new
-        logits = nnsight.save(nn.output.logits[:, -1])
-    return logits
-
-
-def _plan_writes(model: PatchModel, source: RunCache, rows, n_prompts: int, n_pos: int):
-    """``{hook point: [(site, mask [batch, pos(, head)], source values [batch, pos, ...]), ...]}``."""
-    adapter, layout = model.adapter, model.layout
+def _plan_writes(model: PatchModel, rows, n_prompts: int, n_pos: int) -> list:
+    """``[(hook point, [(site, mask [row * prompt, pos(, head)], layer), ...]), ...]`` in forward order."""
+    layout = model.layout
     n_rows = len(rows)
     masks: dict[tuple[Site, int], torch.Tensor] = {}
     for r, row in enumerate(rows):
@@ -203,28 +195,9 @@ def _plan_writes(model: PatchModel, source: RunCache, rows, n_prompts: int, n_po
                 masks[key][r, :, pos, c.head] = True
             else:
                 masks[key][r, :, pos] = True
-    writes: dict[HookPoint, list] = defaultdict(list)
+    writes = defaultdict(list)
     for (site, layer), mask in sorted(masks.items(), key=lambda kv: (kv[0][1], kv[0][0].order)):
         if site is Site.RESID_MID:
-            writes[adapter.point(Site.RESID_PRE, layer)]  # read the block input for resid_mid
-        src = source.acts[(site, layer)]
-        src = src.repeat(n_rows, *([1] * (src.dim() - 1))).to(model.device)
-        writes[adapter.write_point(site, layer)].append((site, mask.flatten(0, 1).to(model.device), src))
-    return writes
-
-
-def _read(module, point: HookPoint):
-    return module.output if point.io == "output" else module.input
-
-
-def _first(value):
-    return value[0] if isinstance(value, tuple) else value
-
-
-def _write(module, point: HookPoint, value, new) -> None:
-    if new is _first(value):
-        return
-    if point.io == "input":
-        module.input = new
-    else:
-        module.output = (new, *value[1:]) if isinstance(value, tuple) else new
+            writes[model.adapter.point(Site.RESID_PRE, layer)]  # read the block input for resid_mid
+        writes[model.adapter.write_point(site, layer)].append((site.value, mask.flatten(0, 1), layer))
+    return [((p.layer, p.path, p.io, p.rank), entries) for p, entries in sorted(writes.items(), key=lambda kv: kv[0].sort_key)]

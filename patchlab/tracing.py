@@ -29,7 +29,9 @@ from .facts import Fact, FactDataset
 from .metrics import Direction, Metric, Targets, get_metric
 from .models import PatchModel
 from .provenance import provenance_attrs
-from .runner import RunCache, cache_runs, patch_rows
+from .kernels import patching as kpatching
+from .remote import execute
+from .runner import CachePass, patch_rows
 
 __all__ = ["KINDS", "POSITIONS", "causal_trace", "window_layers", "subject_embedding_std"]
 
@@ -48,20 +50,22 @@ def window_layers(layer: int, window: int, n_layers: int) -> range:
     return range(max(0, layer - window // 2), min(n_layers, layer - window // 2 + window))
 
 
-def subject_embedding_std(model: PatchModel, tokens) -> float:
-    """Standard deviation of the block-0 input over every subject token of the dataset (all units)."""
-    values = []
-    for ids, span in zip(tokens.ids, tokens.subject_positions):
-        (clean,) = cache_runs(model, [ids[None]], {(Site.RESID_PRE, 0)})
-        values.append(clean.acts[(Site.RESID_PRE, 0)][0, span.start:span.stop].flatten())
+def subject_embedding_std(model: PatchModel, tokens, remote=None) -> float:
+    """Standard deviation of the block-0 input over every subject token of the dataset
+    (all units). One program: each prompt runs alone."""
+    passes = [{"names": (i,), "ids": ids[None], "sites": [("resid_pre", 0)]} for i, ids in enumerate(tokens.ids)]
+    acts = execute(model, kpatching.cache_runs, model.arch(), passes, remote=remote)
+    values = [acts[(i, "resid_pre", 0)][0, span.start:span.stop].flatten()
+              for i, span in enumerate(tokens.subject_positions)]
     return float(torch.cat(values).float().std())
 
 
 def causal_trace(model: PatchModel, facts: FactDataset, *, kinds=("hidden", "mlp", "attn"), window: int = 10,
                  noise: float = 3.0, samples: int = 10, corruption: str = "noise",
                  metric: Metric | str = Metric.PROB, direction: Direction | str = Direction.DENOISING,
-                 seed: int = 0, progress: bool = True) -> xr.Dataset:
-    """Causal traces of every fact.
+                 seed: int = 0, progress: bool = True, remote=None) -> xr.Dataset:
+    """Causal traces of every fact (Meng et al. 2022, "Locating and Editing Factual
+    Associations in GPT", arXiv 2202.05262).
 
     Args:
         corruption: "noise" (Gaussian noise on the subject embeddings, `noise` x their
@@ -73,6 +77,8 @@ def causal_trace(model: PatchModel, facts: FactDataset, *, kinds=("hidden", "mlp
         direction: "denoising" (default: the corrupted run with one clean state
             restored, as in the paper) or "noising" (the clean run with one state
             taken from the corrupted run).
+        remote: see `patchlab.remote`; this costs 1 request for the embedding std plus
+            1 per fact (both runs and every restoration of the fact in one program).
 
     Returns:
         Dataset with ``prob`` (kind, prompt, layer, pos): p(answer) (or the chosen
@@ -96,7 +102,7 @@ def causal_trace(model: PatchModel, facts: FactDataset, *, kinds=("hidden", "mlp
     tokens = facts.tokenize(model.tokenizer)
     n_layers, n_facts = model.layout.n_layers, len(facts)
     n_pos = max(len(ids) for ids in tokens.ids)
-    std = subject_embedding_std(model, tokens)
+    std = subject_embedding_std(model, tokens, remote=remote)
     counterfactual = _counterfactual_ids(model, facts, tokens) if corruption == "replace" else [None] * len(facts)
     prob = np.full((len(kinds), n_facts, n_layers, n_pos), np.nan)
     clean_p, corrupted_p = np.zeros(n_facts), np.zeros(n_facts)
@@ -107,7 +113,7 @@ def causal_trace(model: PatchModel, facts: FactDataset, *, kinds=("hidden", "mlp
         values, clean_p[i], corrupted_p[i] = trace_fact(model, ids, span, int(tokens.answer_ids[i]), kinds=kinds,
                                                         window=window, scale=noise * std, samples=samples, seed=seed + i,
                                                         metric=metric, direction=direction,
-                                                        replacement=counterfactual[i])
+                                                        replacement=counterfactual[i], remote=remote)
         prob[:, i, :, :ids.shape[1]] = values
         subject[i, span.start:span.stop] = 1
         token[i, :ids.shape[1]] = tokens.tokens[i]
@@ -165,36 +171,31 @@ def _counterfactual_ids(model: PatchModel, facts: FactDataset, tokens) -> list[t
 def trace_fact(model: PatchModel, ids: torch.Tensor, span: range, answer: int, *, kinds, window: int,
                scale: float, samples: int, seed: int, metric: Metric = Metric.PROB,
                direction: Direction = Direction.DENOISING,
-               replacement: torch.Tensor | None = None) -> tuple[np.ndarray, float, float]:
+               replacement: torch.Tensor | None = None, remote=None) -> tuple[np.ndarray, float, float]:
     """One fact: the metric per (kind, layer, pos) averaged over noise samples (or with the
     subject replaced by `replacement` ids), and the clean and corrupted metric.
-    ``ids`` is ``[1, pos]``."""
+    ``ids`` is ``[1, pos]``. One program (one request remotely): the clean run, the
+    corrupted run (noise drawn here, seeded, and added to the clean embeddings in the
+    program) and every restoration."""
     n_layers, n_pos = model.layout.n_layers, ids.shape[1]
-    sites = {(site, layer) for site in {KINDS[k] for k in kinds} for layer in range(n_layers)}
-    resid_sites = {(Site.RESID_PRE, layer) for layer in range(n_layers)}
-    (clean,) = cache_runs(model, [ids], sites | resid_sites)
-    embed = clean.acts[(Site.RESID_PRE, 0)]
     if replacement is None:
         generator = torch.Generator().manual_seed(seed)
-        eps = torch.randn(samples, len(span), embed.shape[-1], generator=generator) * scale
-        noised = embed.repeat(samples, 1, 1)
-        noised[:, span.start:span.stop] += eps.to(noised.dtype)
-        corrupted_ids = ids.repeat(samples, 1)
+        eps = torch.randn(samples, len(span), model.layout.d_model, generator=generator) * scale
+        clean_ids = ids.repeat(samples, 1)
+        passes = [CachePass(("clean",), clean_ids),
+                  CachePass(("corrupted",), clean_ids, noise={"from": "clean", "start": span.start, "eps": eps})]
     else:
-        samples, corrupted_ids, noised = 1, replacement, None
-    (corrupted,) = cache_runs(model, [corrupted_ids], sites | resid_sites, embeds=noised)
-    clean = RunCache(acts={k: v.repeat(samples, *([1] * (v.dim() - 1))) for k, v in clean.acts.items()},
-                     logits=clean.logits.repeat(samples, 1))
-    targets = Targets(correct=torch.full((samples,), answer), incorrect=torch.full((samples,), answer),
-                      clean_logprobs=torch.log_softmax(clean.logits.float(), dim=-1))
+        samples, clean_ids = 1, ids
+        passes = [CachePass(("clean", "corrupted"), torch.cat([ids, replacement]))]
+    targets = Targets(correct=torch.full((samples,), answer), incorrect=torch.full((samples,), answer))
     rows = [tuple(Component(site=KINDS[k], layer=layer, pos=p) for layer in
                   ([lay] if k == "hidden" else window_layers(lay, window, n_layers)))
             for k in kinds for lay in range(n_layers) for p in range(n_pos)]
-    if direction is Direction.DENOISING:  # the corrupted run with one clean state restored
-        values = patch_rows(model, base_ids=corrupted_ids, base=corrupted, source=clean, rows=rows, metric=metric,
-                            targets=targets, progress=False, base_embeds=noised is not None)
-    else:  # the clean run with one corrupted state
-        values = patch_rows(model, base_ids=ids.repeat(samples, 1), base=clean, source=corrupted, rows=rows,
-                            metric=metric, targets=targets, progress=False)
-    values = values.double().mean(1).numpy().reshape(len(kinds), n_layers, n_pos)
-    return values, float(metric(clean.logits, targets).mean()), float(metric(corrupted.logits, targets).mean())
+    denoising = direction is Direction.DENOISING  # the corrupted run with one clean state restored
+    result = patch_rows(model, passes=passes, base="corrupted" if denoising else "clean",
+                        source="clean" if denoising else "corrupted",
+                        base_ids=clean_ids if replacement is None or not denoising else replacement,
+                        rows=rows, metric=metric, targets=targets, kl_from="clean",
+                        base_embeds=denoising and replacement is None, progress=False, remote=remote)
+    values = result.values.double().mean(1).numpy().reshape(len(kinds), n_layers, n_pos)
+    return values, float(result.runs["clean"].mean()), float(result.runs["corrupted"].mean())

@@ -1,0 +1,237 @@
+"""Shared trace-side helpers: module access, canonical views, metrics, caching runs.
+
+Torch-only (see the package docstring): this module runs on the server too.
+"""
+
+import torch
+
+PER_HEAD = ("q", "k", "v", "head")
+
+
+# ---- modules and hook points ---------------------------------------------------------
+def module(root, path):
+    """The submodule (or envoy) at dotted `path` under `root` ("" is `root` itself)."""
+    if path:
+        for name in path.split("."):
+            root = root[int(name)] if name.isdigit() else getattr(root, name)
+    return root
+
+
+def block(root, arch, layer):
+    return module(root, arch["blocks"])[layer]
+
+
+def torch_module(envoy):
+    """The plain ``torch.nn.Module`` behind an envoy (for side computations without hooks)."""
+    return getattr(envoy, "_module", envoy)
+
+
+def point(arch, site, layer):
+    """Hook point ``(layer, path, io, rank)`` that carries `site` at `layer`; `rank` orders
+    points within a layer in forward order, `path` is relative to the block."""
+    if site == "resid_pre":
+        return (layer, "", "input", 0)
+    if site in ("q", "k", "v"):
+        if arch["qkv"] is not None:
+            return (layer, arch["qkv"], "output", 1)
+        return (layer, arch[site], "output", 1 + "qkv".index(site))
+    if site == "head":
+        return (layer, arch["o_proj"], "input", 4)
+    if site == "attn_out":
+        return (layer, arch["attn_out"], "output", 5)
+    if site == "resid_mid":
+        return (layer, arch["mid_norm"], "input", 6)
+    if site == "mlp_out":
+        return (layer, arch["mlp_out"], "output", 7)
+    if site == "resid_post":
+        return (layer, "", "output", 8)
+    raise ValueError(f"unknown site {site!r}")
+
+
+def mlp_in_point(arch, layer):
+    """The input of the norm in front of the MLP: the residual stream the MLP reads."""
+    return (layer, arch["mid_norm"], "input", 6)
+
+
+def write_point(arch, site, layer):
+    """The point written to patch `site`: resid_mid is written through the attention branch."""
+    return point(arch, "attn_out" if site == "resid_mid" else site, layer)
+
+
+def at(root, arch, pt):
+    """The module (or envoy) of hook point `pt`."""
+    return module(block(root, arch, pt[0]), pt[1])
+
+
+def read(envoy, io):
+    return envoy.output if io == "output" else envoy.input
+
+
+def first(value):
+    """A module value's tensor: the first element of a tuple output."""
+    return value[0] if isinstance(value, tuple) else value
+
+
+def write(envoy, io, value, new):
+    """Replace the tensor of `value` (read from `envoy`) with `new`."""
+    if new is first(value):
+        return
+    if io == "input":
+        envoy.input = new
+    else:
+        envoy.output = (new, *value[1:]) if isinstance(value, tuple) else new
+
+
+def skip_value(arch, resid):
+    """What a skipped block returns: `resid` (the residual stream entering the next block)."""
+    return (resid,) + (None,) * (arch["arity"] - 1) if arch["arity"] else resid
+
+
+def rep(t, n_rows):
+    """`n_rows` copies of a ``[prompt, ...]`` tensor along the batch: row ``r * prompt + p``."""
+    return t.repeat(n_rows, *([1] * (t.dim() - 1)))
+
+
+# ---- canonical views -----------------------------------------------------------------
+def n_heads_at(arch, site):
+    return arch["n_kv_heads"] if site in ("k", "v") else arch["n_heads"]
+
+
+def view(arch, site, raw):
+    """The site's value in canonical shape: ``[batch, pos, d_model]`` or ``[batch, pos, head, d_head]``."""
+    if site not in PER_HEAD:
+        return raw
+    b, t = raw.shape[:2]
+    dh = arch["d_head"]
+    if site == "head" or arch["qkv"] is None:
+        return raw.reshape(b, t, n_heads_at(arch, site), dh)
+    i = "qkv".index(site)
+    if arch["qkv_layout"] == "split3":
+        d = arch["n_heads"] * dh
+        return raw[..., i * d:(i + 1) * d].reshape(b, t, arch["n_heads"], dh)
+    return raw.reshape(b, t, arch["n_heads"], 3, dh)[..., i, :]
+
+
+def unview(arch, site, raw, new):
+    """Inverse of `view`: the raw module value with the site's part replaced by `new`."""
+    if site not in PER_HEAD:
+        return new
+    b, t = raw.shape[:2]
+    if site == "head" or arch["qkv"] is None:
+        return new.reshape(raw.shape)
+    i = "qkv".index(site)
+    out = raw.clone()
+    if arch["qkv_layout"] == "split3":
+        d = arch["n_heads"] * arch["d_head"]
+        out[..., i * d:(i + 1) * d] = new.reshape(b, t, d)
+    else:
+        out.view(b, t, arch["n_heads"], 3, arch["d_head"])[..., i, :] = new
+    return out
+
+
+# ---- weights (read through envoys, so they are the server's weights when remote) ------
+def _in_out(weight, conv1d):
+    """A projection weight as ``[in, out]`` (GPT-2's Conv1D stores it that way already)."""
+    return weight if conv1d else weight.T
+
+
+def head_weights(root, arch, layer):
+    """Output projection split per head, ``[head, d_head, d_model]`` (no bias)."""
+    weight = _in_out(at(root, arch, point(arch, "head", layer)).weight, arch["conv1d"])
+    return weight.reshape(arch["n_heads"], arch["d_head"], arch["d_model"])
+
+
+def input_head_weights(root, arch, site, layer):
+    """The q, k or v projection per (key/value) head: weight ``[d_model, head, d_head]`` and
+    bias ``[head, d_head]`` (zeros without one): head h's slice is ``x @ weight[:, h] + bias[h]``."""
+    proj = at(root, arch, point(arch, site, layer))
+    weight = _in_out(proj.weight, arch["conv1d"])
+    bias = getattr(proj, "bias", None)
+    bias = torch.zeros_like(weight[0]) if bias is None else bias
+    return view(arch, site, weight[None])[0], view(arch, site, bias[None, None])[0, 0]
+
+
+def head_contributions(root, arch, layer, z):
+    """Each head's contribution to the residual stream, ``[batch, pos, head, d_model]``, from
+    the head outputs `z` (``[batch, pos, head, d_head]``): its slice of the output projection,
+    without the bias. Gemma's post-attention norm is split over heads with the RMS scale of
+    the whole attention output, so the contributions still sum to the branch output."""
+    out = torch.einsum("bthe,hed->bthd", z, head_weights(root, arch, layer).to(z.dtype))
+    if arch["post_norms"]:
+        norm = torch_module(at(root, arch, point(arch, "attn_out", layer)))
+        total = out.sum(2).float()
+        scale = torch.rsqrt(total.pow(2).mean(-1, keepdim=True) + norm.eps) * (1.0 + norm.weight.float())
+        out = (out.float() * scale[:, :, None, :]).to(z.dtype)
+    return out
+
+
+# ---- metrics ----------------------------------------------------------------------------
+def metric(name, logits, targets):
+    """Metric per row, ``[batch]``, from final-position logits ``[batch, vocab]``.
+
+    `targets`: dict with ``correct``, ``incorrect`` (``[batch]`` token ids) and, for KL,
+    ``clean_logprobs`` (``[batch, vocab]``). Half precision is computed in float32.
+    """
+    if logits.dtype.itemsize < 4:
+        logits = logits.float()
+    correct = targets["correct"].to(logits.device)[:, None]
+    if name == "logit_diff":
+        return (logits.gather(-1, correct) - logits.gather(-1, targets["incorrect"].to(logits.device)[:, None]))[:, 0]
+    logprobs = torch.log_softmax(logits, dim=-1)
+    if name == "logprob":
+        return logprobs.gather(-1, correct)[:, 0]
+    if name == "prob":
+        return logprobs.gather(-1, correct)[:, 0].exp()
+    if name == "kl":
+        clean = targets.get("clean_logprobs")
+        if clean is None:
+            raise ValueError("the KL metric needs clean_logprobs")
+        clean = clean.to(logprobs.device)
+        return (clean.exp() * (clean - logprobs)).sum(-1)
+    raise ValueError(f"unknown metric {name!r}")
+
+
+def repeat_targets(targets, n):
+    """Targets for `n` copies of the prompts along the batch."""
+    return {k: (None if v is None else v.repeat(n, *([1] * (v.dim() - 1)))) for k, v in targets.items()}
+
+
+def with_clean_logprobs(targets, clean_logits):
+    """`targets` plus the clean run's log-probabilities (for the KL metric)."""
+    return {**targets, "clean_logprobs": torch.log_softmax(clean_logits.float(), dim=-1)}
+
+
+# ---- caching runs -------------------------------------------------------------------------
+def cache_pass(nn, arch, ids, names, sites, embeds=None):
+    """One forward pass over several runs stacked along the batch (``ids``: ``[run * prompt, pos]``).
+
+    Records the activations at `sites` (``(site, layer)`` pairs) of each run, in canonical
+    shape, and the final position's logits. With `embeds` (``[run * prompt, pos, d_model]``)
+    the runs start from those block-0 inputs instead of their token embeddings.
+
+    Returns ``{(run, site, layer): [prompt, ...]}`` plus ``{(run, "logits"): [prompt, vocab]}``.
+    """
+    sites = set(sites)
+    if embeds is not None:
+        sites.add(("resid_pre", 0))
+    by_point = {}
+    for site, layer in sites:
+        by_point.setdefault(point(arch, site, layer), []).append(site)
+    embed_point = point(arch, "resid_pre", 0)
+    store = {}
+    with torch.no_grad(), nn.trace(ids, logits_to_keep=1):
+        for pt in sorted(by_point, key=lambda p: (p[0], p[3])):
+            envoy = at(nn, arch, pt)
+            if embeds is not None and pt == embed_point:
+                envoy.input = embeds.to(envoy.input.device)
+            raw = first(read(envoy, pt[2]))
+            for site in by_point[pt]:
+                store[(site, pt[0])] = view(arch, site, raw).clone()
+        store["logits"] = nn.output.logits[:, -1].clone()
+    n = ids.shape[0] // len(names)
+    out = {}
+    for (key, value) in store.items():
+        for i, name in enumerate(names):
+            part = value[i * n:(i + 1) * n]
+            out[(name, "logits") if key == "logits" else (name,) + key] = part
+    return out

@@ -1,0 +1,171 @@
+"""patchlab against a real NDIF-protocol server on loopback (tests/ndif_server.py).
+
+The client and the server hold separate copies of the same tiny random models, so
+a remote result can only equal the local one if the whole program made the round
+trip: serialization of the session and of the kernels (by value), execution the
+way the hosted service executes it (allowlisted modules only: no patchlab there),
+and the result download. The server counts requests, so a regression to one
+request per component fails here.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import nnsight
+import pytest
+import torch
+import xarray as xr
+from nnsight.modeling.transformers import TransformersModel
+
+import patchlab as pl
+from patchlab.remote import model_key
+
+from .ndif_server import INJECTED_FAILURE, LoopbackNDIF, closed_port_url
+from .tiny_models import tiny_model, tiny_tokenizer
+
+FAMILIES = ("gpt2", "llama")
+
+
+def _load(family: str) -> pl.PatchModel:
+    hf = tiny_model(family)
+    return pl.load_model(hf, tokenizer=tiny_tokenizer(hf.config.vocab_size), model_id=f"tiny-{family}",
+                         hub_id=f"loopback/tiny-{family}")
+
+
+@pytest.fixture(scope="module")
+def models() -> dict[str, pl.PatchModel]:
+    return {family: _load(family) for family in FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def server(models):
+    hosted = {model_key(m): TransformersModel(copy.deepcopy(m.hf), tokenizer=m.tokenizer, task="text-generation")
+              for m in models.values()}
+    with LoopbackNDIF(hosted) as srv:
+        yield srv
+
+
+@pytest.fixture(autouse=True)
+def _quiet(server, monkeypatch):
+    monkeypatch.setattr(nnsight.CONFIG.APP, "REMOTE_LOGGING", False)
+    server.reset()
+    yield
+    server.reset()
+
+
+def pairs(model: pl.PatchModel, n: int = 3, n_pos: int = 5, seed: int = 0) -> pl.PromptPairDataset:
+    """Random clean prompts; corrupted = clean with one position resampled."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = model.layout.vocab_size
+    out = []
+    for _ in range(n):
+        clean = torch.randint(5, vocab - 3, (n_pos,), generator=g)
+        corrupted = clean.clone()
+        corrupted[1] = torch.randint(5, vocab - 3, (1,), generator=g)
+        a, b = torch.randperm(vocab - 8, generator=g)[:2].add(5).tolist()
+        out.append(pl.PromptPair(clean=" ".join(f"w{i}" for i in clean.tolist()),
+                                 corrupted=" ".join(f"w{i}" for i in corrupted.tolist()),
+                                 correct=f"w{a}", incorrect=f"w{b}"))
+    return pl.PromptPairDataset(pairs=out, name="random", corruption="resample")
+
+
+def assert_same_results(local: xr.Dataset, remote: xr.Dataset) -> None:
+    """Every data variable and coordinate identical (attrs hold times and versions)."""
+    xr.testing.assert_identical(local.drop_attrs(), remote.drop_attrs())
+
+
+def requests(server) -> list:
+    return [r for r in server.requests if r.status == "COMPLETED"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_activation_patching_is_one_request_and_equals_local(models, server, family):
+    model, data = models[family], pairs(models[family])
+    for sweep in (lambda **kw: pl.patch_heads(model, data, progress=False, **kw),
+                  lambda **kw: pl.patch_layer_pos(model, data, site="resid_mid", direction="noising",
+                                                  progress=False, memory_mb=0.01, **kw)):
+        server.reset()
+        local = sweep()
+        remote = sweep(remote=server.url)
+        assert_same_results(local, remote)
+        assert len(server.requests) == 1 and requests(server), server.requests
+
+
+def test_server_side_error_surfaces_the_servers_message(models):
+    """The server's model has fewer layers than the client believes: the job fails there."""
+    model = models["gpt2"]
+    short = tiny_model("gpt2")
+    short.transformer.h = short.transformer.h[:1]
+    with LoopbackNDIF({model_key(model): TransformersModel(short, tokenizer=model.tokenizer,
+                                                           task="text-generation")}) as other:
+        with pytest.raises(pl.RemoteJobError, match="the remote job .* failed on http://127.0.0.1") as info:
+            pl.patch_heads(model, pairs(model), progress=False, remote=other.url)
+        (record,) = other.requests
+    assert info.value.job_id == record.job_id
+    assert record.status == "ERROR" and record.error in str(info.value)  # the server's own message
+
+
+def test_job_failing_mid_session(models, server):
+    model, data = models["gpt2"], pairs(models["gpt2"])
+    server.fail_on_forward = 2  # the cache pass runs, the first patched pass fails
+    with pytest.raises(pl.RemoteJobError, match=INJECTED_FAILURE):
+        pl.patch_heads(model, data, progress=False, remote=server.url)
+    assert [r.status for r in server.requests] == ["ERROR"]
+    # the server recovers; the next request completes
+    pl.patch_heads(model, data, progress=False, remote=server.url)
+    assert server.requests[-1].status == "COMPLETED"
+
+
+def test_connection_refused_names_the_host(models):
+    url = closed_port_url()
+    with pytest.raises(pl.RemoteConnectionError, match=f"cannot reach the NDIF host {url}"):
+        pl.patch_heads(models["gpt2"], pairs(models["gpt2"]), progress=False, remote=url)
+
+
+def test_bad_api_key_is_refused_with_the_fix(models):
+    model = models["gpt2"]
+    hosted = {model_key(model): TransformersModel(copy.deepcopy(model.hf), tokenizer=model.tokenizer,
+                                                  task="text-generation")}
+    with LoopbackNDIF(hosted, api_keys={"good-key"}) as keyed:
+        with pytest.raises(pl.RemoteAuthError, match="refused the API key.*NDIF_API_KEY"):
+            pl.patch_heads(model, pairs(model), progress=False, remote=pl.Remote(host=keyed.url, api_key="bad"))
+        local = pl.patch_heads(model, pairs(model), progress=False)
+        remote = pl.patch_heads(model, pairs(model), progress=False,
+                                remote=pl.Remote(host=keyed.url, api_key="good-key"))
+        assert_same_results(local, remote)
+
+
+def test_result_that_does_not_arrive_times_out(models, server):
+    server.hang = True
+    with pytest.raises(pl.RemoteTimeoutError, match="no result from .* after 1 s") as info:
+        pl.patch_heads(models["gpt2"], pairs(models["gpt2"]), progress=False,
+                       remote=pl.Remote(host=server.url, timeout_s=1))
+    assert info.value.job_id == server.requests[-1].job_id
+
+
+def test_unknown_model_is_rejected_with_the_servers_message(models, server, tmp_path):
+    model = models["gpt2"]
+    other = pl.load_model(model.hf, tokenizer=model.tokenizer, hub_id="someone/not-hosted")
+    with pytest.raises(pl.RemoteJobError, match="rejected the request.*not-hosted"):
+        pl.patch_heads(other, pairs(other), progress=False, remote=server.url)
+
+
+def test_meta_model_needs_no_local_weights(models, server, tmp_path):
+    """A model that exists only on the server: built on the meta device from its config."""
+    model = models["llama"]
+    model.hf.save_pretrained(tmp_path / "tiny")
+    model.tokenizer.save_pretrained(tmp_path / "tiny")
+    meta = pl.load_model(tmp_path / "tiny", hub_id=model.hub_id, remote=server.url,
+                         attn_implementation=model.hf.config._attn_implementation)
+    assert meta.is_meta and all(p.device.type == "meta" for p in meta.hf.parameters())
+    data = pairs(model)
+    local = pl.patch_heads(model, data, progress=False)
+    remote = pl.patch_heads(meta, data, progress=False)  # the model's default: remote
+    assert_same_results(local, remote)
+    assert len(requests(server)) == 1
+
+
+def test_remote_argument_is_checked():
+    with pytest.raises(ValueError, match="remote='nowhere': use False, True"):
+        pl.remote.resolve_remote("nowhere")
