@@ -42,21 +42,25 @@ class Config:
     seed: int = 0
     results: str = "results"
     resume: str = ""
+    remote: str = ""
+    """Run on a hosted model: "ndif" (host and API key from NDIF_HOST / NDIF_API_KEY or nnsight's
+    config), a host URL, or "local" (nnsight's in-process simulation); empty: run here."""
 
 
 def main(config: Config) -> None:
-    model = pl.load_model(config.model)
+    model = pl.load_model(config.model, remote=config.remote or False)
     with pl.ExperimentRun("causal_tracing", root=config.results, config=config, seed=config.seed,
                           run_id=config.resume or None, resume=bool(config.resume)) as run:
-        known, checked = check_facts(model, builtin_facts(), min_prob=config.min_prob)
+        known, checked = check_facts(model, builtin_facts(), min_prob=config.min_prob)  # one request remotely
         run.save_dataset(checked, "facts_checked")
         facts = FactDataset(facts=known.facts[:config.n_facts], name=known.name)
         run.save_prompts(facts, "facts")
         trace = run.load_dataset("causal_trace")
         if trace is None:
             trace = causal_trace(model, facts, window=config.window, noise=config.noise, samples=config.samples,
-                                 seed=config.seed)
+                                 seed=config.seed, checkpoint=run.path / "causal_trace.partial.nc")
             run.save_dataset(trace, "causal_trace")
+            (run.path / "causal_trace.partial.nc").unlink()
         for i in range(min(config.figures, len(facts))):
             run.save_figure(plot_causal_trace(trace, prompt=i), f"trace_{i}", formats=("png", "svg"))
         average = xr.Dataset({"prob": trace["average"], "clean": trace["clean"].mean(),

@@ -10,6 +10,7 @@ config, a manifest and a log.
 
     python experiments/ioi.py                   # defaults below
     python experiments/ioi.py --model gpt2 --n-prompts 16
+    python experiments/ioi.py --remote ndif --model meta-llama/Llama-3.1-8B   # on NDIF: 4 requests
 """
 
 from __future__ import annotations
@@ -41,11 +42,14 @@ class Config:
     results: str = "results"
     """Folder that receives results/ioi/<run-id>/."""
     resume: str = ""
+    remote: str = ""
+    """Run on a hosted model: "ndif" (host and API key from NDIF_HOST / NDIF_API_KEY or nnsight's
+    config), a host URL, or "local" (nnsight's in-process simulation); empty: run here."""
     """Run id of an interrupted run to finish: sweeps it already saved are kept."""
 
 
 def main(config: Config) -> None:
-    model = pl.load_model(config.model)
+    model = pl.load_model(config.model, remote=config.remote or False)
     dataset = pl.ioi_dataset(model.tokenizer, n_prompts=config.n_prompts, order=config.order,
                              corruption=config.corruption, seed=config.seed)
     common = dict(metric=config.metric, direction=config.direction, seed=config.seed)
@@ -58,7 +62,8 @@ def main(config: Config) -> None:
     with pl.ExperimentRun("ioi", root=config.results, config=config, seed=config.seed,
                           run_id=config.resume or None, resume=bool(config.resume)) as run:
         run.save_prompts(dataset)
-        run.record(model_id=model.model_id, model_sha256=model.weights_sha256, dataset_sha256=dataset.sha256())
+        run.record(model_id=model.model_id, model_sha256=model.weights_sha256, remote=config.remote,
+                   dataset_sha256=dataset.sha256())
         results = {}
         for name, compute in sweeps.items():  # each sweep is saved as soon as it finishes
             results[name] = run.load_dataset(name)

@@ -37,17 +37,20 @@ class Config:
     seed: int = 0
     results: str = "results"
     resume: str = ""
+    remote: str = ""
+    """Run on a hosted model: "ndif" (host and API key from NDIF_HOST / NDIF_API_KEY or nnsight's
+    config), a host URL, or "local" (nnsight's in-process simulation); empty: run here."""
 
 
 def main(config: Config) -> None:
-    model = pl.load_model(config.model)
+    model = pl.load_model(config.model, remote=config.remote or False)
     dataset = pl.ioi_dataset(model.tokenizer, n_prompts=config.n_prompts, order=config.order,
                              corruption=config.corruption, seed=config.seed)
     common = dict(metric=config.metric, freeze_mlps=bool(config.freeze_mlps), seed=config.seed)
     with pl.ExperimentRun("ioi_paths", root=config.results, config=config, seed=config.seed,
                           run_id=config.resume or None, resume=bool(config.resume)) as run:
         run.save_prompts(dataset)
-        run.record(model_id=model.model_id, model_sha256=model.weights_sha256)
+        run.record(model_id=model.model_id, model_sha256=model.weights_sha256, remote=config.remote)
         to_logits = run.load_dataset("heads_to_logits")
         if to_logits is None:
             to_logits = path_patch_heads(model, dataset, receivers="logits", **common)

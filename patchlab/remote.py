@@ -11,7 +11,7 @@ values the program returns come back.
 
 - ``False`` / ``None``: run here (``None`` means the model's default, see
   `patchlab.load_model`'s ``remote``);
-- ``True``: the configured NDIF host (nnsight's ``CONFIG.API.HOST``, or the
+- ``True`` (or ``"ndif"``): the configured NDIF host (nnsight's ``CONFIG.API.HOST``, or the
   ``NDIF_HOST`` environment variable) and API key (``CONFIG.API.APIKEY``, or
   ``NDIF_API_KEY``);
 - ``"local"``: nnsight's in-process simulation of the round trip (serialization
@@ -93,9 +93,9 @@ def resolve_remote(remote: bool | str | Remote | None, default: Remote | None = 
     """
     if remote is None:
         return default
-    if remote is False:
+    if remote is False or remote == "":
         return None
-    if remote is True:
+    if remote is True or remote == "ndif":
         return Remote()
     if isinstance(remote, Remote):
         return remote
@@ -103,7 +103,7 @@ def resolve_remote(remote: bool | str | Remote | None, default: Remote | None = 
         return Remote(simulate=True)
     if isinstance(remote, str) and remote.startswith(("http://", "https://")):
         return Remote(host=remote.rstrip("/"))
-    raise ValueError(f"remote={remote!r}: use False, True (the configured NDIF host), 'local' (in-process "
+    raise ValueError(f"remote={remote!r}: use False, True or 'ndif' (the configured NDIF host), 'local' (in-process "
                      "simulation), a host URL such as 'https://api.ndif.us', or patchlab.Remote(...)")
 
 

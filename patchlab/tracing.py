@@ -17,19 +17,22 @@ position), averaged over the noise samples; denoising throughout.
 
 from __future__ import annotations
 
+import os
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
 import xarray as xr
 from tqdm.auto import tqdm
 
+from ._io import atomic_path
 from .components import Component, Site
 from .facts import Fact, FactDataset
+from .kernels import patching as kpatching
 from .metrics import Direction, Metric, Targets, get_metric
 from .models import PatchModel
 from .provenance import provenance_attrs
-from .kernels import patching as kpatching
 from .remote import execute
 from .runner import CachePass, patch_rows
 
@@ -63,7 +66,8 @@ def subject_embedding_std(model: PatchModel, tokens, remote=None) -> float:
 def causal_trace(model: PatchModel, facts: FactDataset, *, kinds=("hidden", "mlp", "attn"), window: int = 10,
                  noise: float = 3.0, samples: int = 10, corruption: str = "noise",
                  metric: Metric | str = Metric.PROB, direction: Direction | str = Direction.DENOISING,
-                 seed: int = 0, progress: bool = True, remote=None) -> xr.Dataset:
+                 seed: int = 0, progress: bool = True, remote=None,
+                 checkpoint: str | os.PathLike | None = None) -> xr.Dataset:
     """Causal traces of every fact (Meng et al. 2022, "Locating and Editing Factual
     Associations in GPT", arXiv 2202.05262).
 
@@ -79,6 +83,8 @@ def causal_trace(model: PatchModel, facts: FactDataset, *, kinds=("hidden", "mlp
             taken from the corrupted run).
         remote: see `patchlab.remote`; this costs 1 request for the embedding std plus
             1 per fact (both runs and every restoration of the fact in one program).
+        checkpoint: a netCDF file of the facts traced so far, written after each fact; a
+            rerun with the same file and settings traces only the rest.
 
     Returns:
         Dataset with ``prob`` (kind, prompt, layer, pos): p(answer) (or the chosen
@@ -88,7 +94,8 @@ def causal_trace(model: PatchModel, facts: FactDataset, *, kinds=("hidden", "mlp
 
     Raises:
         ValueError: an unknown kind or corruption, window < 1, samples < 1; for
-            "replace", a fact without a counterfactual subject of the same token length.
+            "replace", a fact without a counterfactual subject of the same token length;
+            a checkpoint written with other settings or facts.
     """
     if corruption not in ("noise", "replace"):
         raise ValueError(f"corruption={corruption!r}: use 'noise' or 'replace'")
@@ -108,15 +115,29 @@ def causal_trace(model: PatchModel, facts: FactDataset, *, kinds=("hidden", "mlp
     clean_p, corrupted_p = np.zeros(n_facts), np.zeros(n_facts)
     subject = np.zeros((n_facts, n_pos), dtype=np.int8)
     token = np.full((n_facts, n_pos), "", dtype=object)
+    settings = {"model_id": model.model_id, "facts_sha256": facts.sha256(), "kinds": ",".join(kinds),
+                "window": window, "noise_scale": noise, "samples": samples, "corruption": corruption,
+                "metric": metric.value, "direction": direction.value, "seed": seed}
+    done = np.zeros(n_facts, dtype=bool)
+    if checkpoint is not None and Path(checkpoint).exists():
+        prob, clean_p, corrupted_p, done = _resume(checkpoint, settings, prob.shape)
     for i in tqdm(range(n_facts), desc="causal tracing", disable=not progress, leave=False):
         ids, span = tokens.ids[i][None], tokens.subject_positions[i]
+        subject[i, span.start:span.stop] = 1
+        token[i, :ids.shape[1]] = tokens.tokens[i]
+        if done[i]:
+            continue
         values, clean_p[i], corrupted_p[i] = trace_fact(model, ids, span, int(tokens.answer_ids[i]), kinds=kinds,
                                                         window=window, scale=noise * std, samples=samples, seed=seed + i,
                                                         metric=metric, direction=direction,
                                                         replacement=counterfactual[i], remote=remote)
         prob[:, i, :, :ids.shape[1]] = values
-        subject[i, span.start:span.stop] = 1
-        token[i, :ids.shape[1]] = tokens.tokens[i]
+        done[i] = True
+        if checkpoint is not None:
+            with atomic_path(checkpoint) as tmp:
+                xr.Dataset({"prob": (("kind", "prompt", "layer", "pos"), prob), "clean": ("prompt", clean_p),
+                            "corrupted": ("prompt", corrupted_p), "done": ("prompt", done.astype(np.int8))},
+                           attrs=settings).to_netcdf(tmp)
     with warnings.catch_warnings():  # a group no prompt has (e.g. no inner subject tokens) averages to NaN
         warnings.simplefilter("ignore", RuntimeWarning)
         average = np.nanmean(np.stack([_aligned(prob[:, i], tokens.subject_positions[i], len(tokens.ids[i]))
@@ -140,6 +161,15 @@ def causal_trace(model: PatchModel, facts: FactDataset, *, kinds=("hidden", "mlp
                                 embedding_std=std, samples=samples if corruption == "noise" else 1,
                                 window=window, method="causal tracing (Meng et al. 2022)")
     return ds
+
+
+def _resume(path, settings: dict, shape: tuple) -> tuple:
+    with xr.open_dataset(path) as saved:
+        if any(saved.attrs.get(k) != v for k, v in settings.items()) or saved["prob"].shape != shape:
+            raise ValueError(f"checkpoint {path} holds a causal trace of other facts or settings; delete it or "
+                             "pass another checkpoint path")
+        return (saved["prob"].values.copy(), saved["clean"].values.copy(), saved["corrupted"].values.copy(),
+                saved["done"].values.astype(bool))
 
 
 def _aligned(prob: np.ndarray, span: range, n_pos: int) -> np.ndarray:

@@ -185,3 +185,34 @@ def test_trace_round_trips_through_netcdf(tmp_path):
         xr.testing.assert_identical(back.load(), ds)
     assert ds.attrs["noise_scale"] == 3.0 and ds.attrs["samples"] == 2
     assert list(ds["token"].values[1][:3]) == ["w5", "w6", "w7"] and ds["subject"].values[1].tolist()[:3] == [0, 1, 0]
+
+
+def test_interrupted_trace_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    import xarray as xr
+
+    from patchlab import tracing
+
+    hf = tiny_model("gpt2")
+    model = pl.load_model(hf, tokenizer=tiny_tokenizer(hf.config.vocab_size))
+    facts = FactDataset(facts=(Fact("w1 w2 w3 w4", "w2", " w9"), Fact("w5 w6 w7", "w6", " w3"),
+                               Fact("w8 w9 w1 w2", "w9 w1", " w4")))
+    kw = dict(samples=2, window=2, kinds=("hidden", "mlp"), progress=False)
+    whole = causal_trace(model, facts, **kw)
+    real, calls = tracing.trace_fact, []
+
+    def flaky(*args, **kwargs):  # the third fact's request fails
+        calls.append(args[1].tolist())
+        if len(calls) == 3:
+            raise pl.RemoteJobError("the remote job j failed on h: RuntimeError: out of memory")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tracing, "trace_fact", flaky)
+    checkpoint = tmp_path / "trace.partial.nc"
+    with pytest.raises(pl.RemoteJobError):
+        causal_trace(model, facts, checkpoint=checkpoint, **kw)
+    calls.clear()
+    resumed = causal_trace(model, facts, checkpoint=checkpoint, **kw)
+    assert len(calls) == 1  # only the unfinished fact ran again
+    xr.testing.assert_identical(resumed.drop_attrs(), whole.drop_attrs())
+    with pytest.raises(ValueError, match="other facts or settings"):
+        causal_trace(model, facts, checkpoint=checkpoint, **{**kw, "samples": 3})
