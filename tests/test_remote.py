@@ -10,7 +10,9 @@ request per component fails here.
 
 from __future__ import annotations
 
+import ast
 import copy
+from pathlib import Path
 
 import nnsight
 import pytest
@@ -90,6 +92,49 @@ def test_activation_patching_is_one_request_and_equals_local(models, server, fam
         remote = sweep(remote=server.url)
         assert_same_results(local, remote)
         assert len(server.requests) == 1 and requests(server), server.requests
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_attribution_is_one_request_and_equals_local(models, server, family):
+    model, data = models[family], pairs(models[family])
+    for method in (lambda **kw: pl.eap(model, data, **kw), lambda **kw: pl.eap_ig(model, data, steps=3, **kw)):
+        server.reset()
+        assert_same_results(method(), method(remote=server.url))
+        assert len(requests(server)) == 1
+
+
+def test_facts_and_causal_tracing_equal_local(models, server):
+    model = models["llama"]
+
+    def known(prompt: str, subject: str) -> pl.Fact:  # the random model's own top-1 answer
+        with torch.no_grad():
+            top = model.hf(model.tokenizer(prompt, return_tensors="pt").input_ids).logits[0, -1].argmax()
+        return pl.Fact(prompt, subject, " " + model.tokenizer.decode(top))
+
+    facts = pl.FactDataset(facts=(known("w1 w2 w3 w4", "w2"), known("w5 w6 w7", "w6")))
+    kept, checked = pl.check_facts(model, facts, min_prob=0.0)
+    assert len(kept) == 2
+    assert len(requests(server)) == 0
+    _, remote_checked = pl.check_facts(model, facts, min_prob=0.0, remote=server.url)
+    xr.testing.assert_identical(checked.drop_attrs(), remote_checked.drop_attrs())
+    assert len(requests(server)) == 1
+    server.reset()
+    kw = dict(samples=2, window=2, progress=False)
+    local = pl.causal_trace(model, facts, **kw)
+    remote = pl.causal_trace(model, facts, remote=server.url, **kw)
+    assert_same_results(local, remote)
+    assert len(requests(server)) == 1 + len(facts)
+
+
+def test_kernels_import_only_what_a_server_has():
+    """Kernels travel by value: they may import torch and math, and their siblings' functions
+    by name (a module object would travel by value with its loader, which a server refuses)."""
+    for path in sorted((Path(pl.__file__).parent / "kernels").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                assert all(a.name.split(".")[0] in ("torch", "math") for a in node.names), (path.name, ast.dump(node))
+            elif isinstance(node, ast.ImportFrom):
+                assert (node.level == 1 and node.module) or node.module in ("torch", "math"), (path.name, ast.dump(node))
 
 
 def test_server_side_error_surfaces_the_servers_message(models):
