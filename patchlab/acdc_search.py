@@ -14,7 +14,8 @@ removal raises the metric always goes. ``abs_threshold=True`` uses
 outputs is still in the circuit loses its incoming edges without evaluation.
 
 Each evaluation is one exact edge-patching pass (`patchlab.graph_runner`), so ACDC
-costs one forward pass per evaluated edge; ``candidates`` restricts the search to a
+costs one forward pass per evaluated edge (and, on a hosted model, one request per
+evaluated edge: each decision depends on the previous one); ``candidates`` restricts the search to a
 subset of edges (the others start removed), e.g. the top edges of an attribution
 method on a model too big to prune edge by edge.
 """
@@ -35,10 +36,10 @@ from ._io import atomic_write_text
 from .circuit import Circuit, edge_scores, score_attrs
 from .data import PromptPairDataset
 from .graph import Edge, Graph, Node, NodeKind
-from .graph_runner import edge_patch_rows, graph_cache_sites
-from .metrics import Direction, Metric
+from .graph_runner import edge_patch_rows, local_graph_cache
+from .metrics import Metric, get_metric
 from .models import PatchModel
-from .patching import prepare_runs, tokenize_for
+from .patching import tokenize_for
 
 __all__ = ["acdc"]
 
@@ -46,7 +47,8 @@ __all__ = ["acdc"]
 def acdc(model: PatchModel, dataset: PromptPairDataset, *, tau: float = 0.01, metric: Metric | str = Metric.KL,
          candidates: Iterable[Edge] | None = None, per_position: bool = False, abs_threshold: bool = False,
          seed: int | None = None,
-         checkpoint: str | os.PathLike | None = None, progress: bool = True, memory_mb: float = 1024) -> Circuit:
+         checkpoint: str | os.PathLike | None = None, progress: bool = True, memory_mb: float = 1024,
+         remote=None) -> Circuit:
     """Prune the graph to a circuit with ACDC (resample ablation, edge level).
 
     Args:
@@ -58,6 +60,8 @@ def acdc(model: PatchModel, dataset: PromptPairDataset, *, tau: float = 0.01, me
         seed: recorded in attrs (ACDC is deterministic).
         checkpoint: a JSON file written after every receiver; a rerun with the same
             file and arguments resumes from it.
+        remote: see `patchlab.remote`; this costs 1 request for the starting circuit (and
+            the baselines) plus 1 per evaluated edge. Running here, the runs are cached once.
 
     Returns:
         A `Circuit` of the kept edges. Its scores (every edge) hold, for each
@@ -69,8 +73,8 @@ def acdc(model: PatchModel, dataset: PromptPairDataset, *, tau: float = 0.01, me
     Raises:
         ValueError: candidates outside the graph; a checkpoint of a different search.
     """
+    metric = get_metric(metric)
     tokens = tokenize_for(model, dataset)
-    runs = prepare_runs(model, tokens, graph_cache_sites(model), metric, Direction.NOISING)
     graph = Graph.from_model(model, n_pos=tokens.n_pos if per_position else None)
     every = list(graph.edges())
     allowed = set(every) if candidates is None else set(candidates)
@@ -78,27 +82,24 @@ def acdc(model: PatchModel, dataset: PromptPairDataset, *, tau: float = 0.01, me
         bad = sorted(allowed - set(every))[:3]
         raise ValueError(f"candidate edges {[e.label for e in bad]} are not edges of this model's graph"
                          + (" (per_position=True needs token-specific edges)" if per_position else ""))
-    key = _search_key(model, dataset, runs.metric, tau, (per_position, abs_threshold), allowed)
+    key = _search_key(model, dataset, metric, tau, (per_position, abs_threshold), allowed)
+    acts = local_graph_cache(model, tokens, remote)
 
-    def evaluate(removed: set[Edge]) -> float:
-        values = edge_patch_rows(model, graph, base_ids=runs.base_ids, base=runs.base, source=runs.source,
-                                 rows=[removed], metric=runs.metric, targets=runs.targets,
-                                 memory_mb=memory_mb, progress=False)
-        return float(values.double().mean())
+    def evaluate(removed: set[Edge]):
+        return edge_patch_rows(model, graph, tokens=tokens, rows=[removed], metric=metric, acts=acts,
+                               memory_mb=memory_mb, progress=False, remote=remote)
 
-    state = _load(checkpoint, key)
-    if state is None:
-        removed = set(every) - allowed
-        state = {"key": key, "done": 0, "kept": sorted(e.label for e in allowed), "scores": {},
-                 "current": evaluate(removed)}
+    state = _load(checkpoint, key) or {"key": key, "done": 0, "kept": sorted(e.label for e in allowed), "scores": {}}
     removed = set(every) - {Edge.from_label(lab) for lab in state["kept"]}
+    start = evaluate(removed)  # the current circuit, and the clean and corrupted baselines
+    state.setdefault("current", float(start.values.double().mean()))
     scores: dict[str, float] = state["scores"]
     receivers = list(reversed(graph.receivers))
     into, out_of = defaultdict(list), defaultdict(list)
     for e in every:
         into[(e.receiver, e.channel)].append(e)
         out_of[e.sender].append(e)
-    kl = runs.metric is Metric.KL
+    kl = metric is Metric.KL
     bar = tqdm(total=len(allowed), desc="ACDC", unit="edge", disable=not progress, leave=False)
     bar.update(sum(1 for e in allowed if e in removed or e.label in scores))
     for i in range(state["done"], len(receivers)):
@@ -110,7 +111,7 @@ def acdc(model: PatchModel, dataset: PromptPairDataset, *, tau: float = 0.01, me
             bar.update(len(incoming))
             incoming = []
         for edge in sorted(incoming, reverse=True):
-            new = evaluate(removed | {edge})
+            new = float(evaluate(removed | {edge}).values.double().mean())
             change = new - state["current"]
             scores[edge.label] = change
             harm = abs(change) if abs_threshold else change if kl else -change  # KL: lower is better
@@ -125,7 +126,7 @@ def acdc(model: PatchModel, dataset: PromptPairDataset, *, tau: float = 0.01, me
     bar.close()
     values = np.asarray([scores.get(e.label, 0.0) for e in every])
     evaluated = np.asarray([e.label in scores for e in every], dtype=np.int8)
-    attrs = score_attrs(model, dataset, runs, method="acdc", seed=seed, tau=tau, per_position=int(per_position),
+    attrs = score_attrs(model, dataset, start, method="acdc", seed=seed, tau=tau, per_position=int(per_position),
                         abs_threshold=int(abs_threshold),
                         n_candidates=len(allowed), n_evaluated=int(evaluated.sum()), metric_final=state["current"],
                         ablation="resample", level="edge")

@@ -22,10 +22,10 @@ import xarray as xr
 
 from .data import PromptPairDataset
 from .graph import Channel, Edge, Graph, Node
-from .graph_runner import edge_patch_rows, graph_cache_sites
+from .graph_runner import edge_patch_rows
 from .metrics import Direction, Metric
 from .models import PatchModel
-from .patching import prepare_runs, result_dataset, tokenize_for
+from .patching import result_dataset, tokenize_for
 
 __all__ = ["patch_edges", "patch_senders_into"]
 
@@ -33,7 +33,7 @@ __all__ = ["patch_edges", "patch_senders_into"]
 def patch_edges(model: PatchModel, dataset: PromptPairDataset, edge_sets: Sequence[Sequence[Edge]], *,
                 labels: Sequence[str] | None = None, metric: Metric | str = Metric.LOGIT_DIFF,
                 direction: Direction | str = Direction.NOISING, seed: int | None = None,
-                progress: bool = True, memory_mb: float = 1024) -> xr.Dataset:
+                progress: bool = True, memory_mb: float = 1024, remote=None) -> xr.Dataset:
     """Patch each set of edges (one set per batch row), exactly.
 
     Args:
@@ -41,6 +41,7 @@ def patch_edges(model: PatchModel, dataset: PromptPairDataset, edge_sets: Sequen
             set is the unpatched base run.
         labels: one coordinate label per set (default: the edge labels joined by "+").
         metric, direction, seed: as in `patchlab.patch_layer_pos`.
+        remote: see `patchlab.remote`; this costs 1 request.
 
     Returns:
         Dataset with ``patched`` (edge_set, prompt), ``score`` (edge_set),
@@ -53,14 +54,19 @@ def patch_edges(model: PatchModel, dataset: PromptPairDataset, edge_sets: Sequen
     labels = list(labels) if labels is not None else ["+".join(e.label for e in s) or "none" for s in edge_sets]
     if len(labels) != len(edge_sets):
         raise ValueError(f"{len(labels)} labels for {len(edge_sets)} edge sets")
-    values, base, tokens = _run_edges(model, dataset, edge_sets, metric, direction, progress, memory_mb)
+    values, base, tokens = _run_edges(model, dataset, edge_sets, metric, direction, progress, memory_mb, remote)
     return result_dataset(model, dataset, tokens, base, values, ("edge_set",), {"edge_set": labels}, "edges", seed)
 
 
 def patch_senders_into(model: PatchModel, dataset: PromptPairDataset, receiver: Node, channel: Channel | str,
                        *, metric: Metric | str = Metric.LOGIT_DIFF, direction: Direction | str = Direction.NOISING,
-                       seed: int | None = None, progress: bool = True, memory_mb: float = 1024) -> xr.Dataset:
+                       seed: int | None = None, progress: bool = True, memory_mb: float = 1024,
+                       remote=None) -> xr.Dataset:
     """Patch every single edge into one receiver channel, e.g. every sender into L9H6's q.
+
+    Args:
+        metric, direction, seed: as in `patch_edges`.
+        remote: see `patchlab.remote`; this costs 1 request.
 
     Returns:
         Dataset with ``patched`` (sender, prompt), ``score`` (sender); ``sender``
@@ -70,15 +76,13 @@ def patch_senders_into(model: PatchModel, dataset: PromptPairDataset, receiver: 
     graph = Graph.from_model(model)
     senders = graph.senders_into(receiver)
     edge_sets = [(Edge(s, receiver, channel),) for s in senders]
-    values, base, tokens = _run_edges(model, dataset, edge_sets, metric, direction, progress, memory_mb)
+    values, base, tokens = _run_edges(model, dataset, edge_sets, metric, direction, progress, memory_mb, remote)
     return result_dataset(model, dataset, tokens, base, values, ("sender",), {"sender": [s.label for s in senders]},
                     "edges", seed, receiver=receiver.label, channel=channel.value)
 
 
-def _run_edges(model, dataset, edge_sets, metric, direction, progress, memory_mb):
+def _run_edges(model, dataset, edge_sets, metric, direction, progress, memory_mb, remote):
     tokens = tokenize_for(model, dataset)
-    runs = prepare_runs(model, tokens, graph_cache_sites(model), metric, direction)
-    values = edge_patch_rows(model, Graph.from_model(model), base_ids=runs.base_ids, base=runs.base,
-                             source=runs.source, rows=edge_sets, metric=runs.metric, targets=runs.targets,
-                             memory_mb=memory_mb, progress=progress)
-    return values, runs.baselines, tokens
+    result = edge_patch_rows(model, Graph.from_model(model), tokens=tokens, rows=edge_sets, metric=metric,
+                             direction=direction, memory_mb=memory_mb, progress=progress, remote=remote)
+    return result.values, result.baselines, tokens

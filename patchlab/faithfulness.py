@@ -26,18 +26,16 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
-import torch
 import xarray as xr
 
 from .circuit import Circuit, graph_of, rank_edges
 from .data import PromptPairDataset
 from .graph import Edge, Graph, NodeKind
-from .graph_runner import edge_patch_rows, graph_cache_sites
-from .metrics import Direction, Metric
+from .graph_runner import edge_patch_rows
+from .metrics import Metric
 from .models import PatchModel
-from .patching import prepare_runs, tokenize_for
+from .patching import tokenize_for
 from .provenance import provenance_attrs
-from .runner import RunCache
 
 __all__ = ["ABLATIONS", "LEVELS", "evaluate_circuits", "faithfulness_curve", "curve_sizes"]
 
@@ -48,7 +46,7 @@ LEVELS = ("edge", "node")
 def evaluate_circuits(model: PatchModel, dataset: PromptPairDataset, circuits: Sequence[Circuit], *,
                       labels: Sequence[str] | None = None, ablation: str = "resample", level: str = "edge",
                       metric: Metric | str = Metric.LOGIT_DIFF, seed: int | None = None,
-                      progress: bool = True, memory_mb: float = 1024) -> xr.Dataset:
+                      progress: bool = True, memory_mb: float = 1024, remote=None) -> xr.Dataset:
     """Metric and faithfulness of each circuit with everything outside it ablated.
 
     Args:
@@ -60,6 +58,7 @@ def evaluate_circuits(model: PatchModel, dataset: PromptPairDataset, circuits: S
         level: "edge" (ablate the edges outside the circuit) or "node" (ablate the
             senders outside the circuit's nodes).
         metric: the metric (default logit difference, nats).
+        remote: see `patchlab.remote`; this costs 1 request (every circuit in one program).
 
     Returns:
         Dataset with ``metric`` (circuit, prompt) in the metric's units,
@@ -79,16 +78,14 @@ def evaluate_circuits(model: PatchModel, dataset: PromptPairDataset, circuits: S
         raise ValueError(f"{len(labels)} labels for {len(circuits)} circuits")
     tokens = tokenize_for(model, dataset)
     graph = _graph_for(model, circuits, tokens.n_pos)
-    runs = prepare_runs(model, tokens, graph_cache_sites(model), metric, Direction.NOISING)
-    source = runs.source if ablation == "resample" else _mean_cache(runs.source)
     every = frozenset(graph.edges())
     rows = [every] + [_ablated(graph, every, c, level) for c in circuits]
-    values = edge_patch_rows(model, graph, base_ids=runs.base_ids, base=runs.base, source=source, rows=rows,
-                             metric=runs.metric, targets=runs.targets, memory_mb=memory_mb, progress=progress)
-    values = values.double().numpy()
-    full, empty, per_circuit = runs.baselines["clean"].double().numpy(), values[0], values[1:]
+    result = edge_patch_rows(model, graph, tokens=tokens, rows=rows, metric=metric, ablation=ablation,
+                             memory_mb=memory_mb, progress=progress, remote=remote)
+    values = result.values.double().numpy()
+    full, empty, per_circuit = result.clean.double().numpy(), values[0], values[1:]
     faith = (per_circuit.mean(1) - empty.mean()) / (full.mean() - empty.mean())
-    m = runs.metric
+    m = result.metric
     ds = xr.Dataset({
         "metric": (("circuit", "prompt"), per_circuit, {"long_name": f"{m.value} with the rest ablated", "units": m.units}),
         "faithfulness": ("circuit", faith, {"long_name": "faithfulness", "units": "1"}),
@@ -117,7 +114,8 @@ def faithfulness_curve(model: PatchModel, dataset: PromptPairDataset, scores: xr
     Args:
         scores: edge scores (`patchlab.circuit.edge_scores`) of any method.
         sizes: circuit sizes (default `curve_sizes`).
-        **kwargs: ablation, level, metric, progress, memory_mb as in `evaluate_circuits`.
+        **kwargs: ablation, level, metric, progress, memory_mb, remote as in `evaluate_circuits`
+            (1 request for the whole curve).
 
     Returns:
         The `evaluate_circuits` Dataset with dim ``n_edges`` (the size k) instead of
@@ -154,8 +152,3 @@ def _ablated(graph: Graph, every: frozenset[Edge], circuit: Circuit, level: str)
     kept = {n for n in circuit.nodes} | {n for n in graph.senders if n.kind is NodeKind.EMBED}
     return frozenset(e for e in every if e.sender not in kept)
 
-
-def _mean_cache(cache: RunCache) -> RunCache:
-    """Every cached activation replaced by its mean over prompts (per position)."""
-    mean = lambda t: t.mean(0, keepdim=True).expand_as(t).contiguous()
-    return RunCache(acts={k: mean(v) for k, v in cache.acts.items()}, logits=torch.zeros_like(cache.logits))
