@@ -103,6 +103,40 @@ def test_attribution_is_one_request_and_equals_local(models, server, family):
         assert len(requests(server)) == 1
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_edge_algorithms_equal_local_in_their_request_budget(models, server, family):
+    model, data = models[family], pairs(models[family])
+    graph = pl.Graph.from_model(model)
+    every = list(graph.edges())
+    node = pl.Node(pl.NodeKind.KV_HEAD if graph.gqa else pl.NodeKind.HEAD, 1, 0)
+    scores = pl.eap(model, data)
+    circuits = [pl.Circuit(graph, every[::5], scores), pl.Circuit.top_k(scores, 15)]
+    one_request = {
+        "patch_edges": lambda **kw: pl.patch_edges(model, data, [every[:3], every[1:]], progress=False, **kw),
+        "patch_senders_into": lambda **kw: pl.patch_senders_into(model, data, node, "v", progress=False, **kw),
+        "evaluate_circuits": lambda **kw: pl.evaluate_circuits(model, data, circuits, ablation="mean",
+                                                               progress=False, **kw),
+        "faithfulness_curve": lambda **kw: pl.faithfulness_curve(model, data, scores, sizes=[0, 10, 40],
+                                                                 progress=False, **kw),
+    }
+    for name, call in one_request.items():
+        server.reset()
+        assert_same_results(call(), call(remote=server.url))
+        assert len(requests(server)) == 1, name
+    server.reset()
+    edges = every[::9]
+    exact = lambda **kw: pl.exact_edge_scores(model, data, edges=edges, block=4, progress=False, **kw)
+    assert_same_results(exact(), exact(remote=server.url))
+    assert len(requests(server)) == -(-len(edges) // 4)  # one per block
+    server.reset()
+    candidates = [e for e in every if e.receiver.kind is pl.NodeKind.LOGITS][-4:]
+    search = lambda **kw: pl.acdc(model, data, tau=0.02, candidates=candidates, progress=False, **kw)
+    local, remote = search(), search(remote=server.url)
+    assert remote.edges == local.edges
+    assert_same_results(local.scores, remote.scores)
+    assert len(requests(server)) == 1 + remote.scores.attrs["n_evaluated"]
+
+
 def test_facts_and_causal_tracing_equal_local(models, server):
     model = models["llama"]
 
