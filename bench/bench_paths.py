@@ -8,7 +8,7 @@ For a GPT-2-small-shaped model (random weights) and SmolLM2-135M, 8 prompts:
 timed side by side with one plain ``transformers`` forward pass of the same batch.
 Prints forward passes' worth of compute per (sender, receiver-set) pair (target:
 at most 2) and checks that the clean and corrupted caches are computed once per
-sweep (by counting `cache_runs` calls).
+sweep (by counting the path program's `cache_runs` calls).
 
     python bench/bench_paths.py [--skip-smollm2]
 """
@@ -21,7 +21,7 @@ import time
 import torch
 
 import patchlab as pl
-import patchlab.patching
+import patchlab.kernels.paths as kpaths
 from patchlab.graph import Node, NodeKind
 from patchlab.paths import path_patch_heads
 
@@ -38,8 +38,8 @@ def bench(model: pl.PatchModel, dataset: pl.PromptPairDataset) -> None:
             model.hf(tokens.clean_ids)
         forward = (time.perf_counter() - start) / 5
     calls = []
-    original = patchlab.patching.cache_runs
-    patchlab.patching.cache_runs = lambda *a, **k: calls.append(1) or original(*a, **k)
+    original = kpaths.cache_runs
+    kpaths.cache_runs = lambda *a, **k: calls.append(1) or original(*a, **k)
     try:
         start = time.perf_counter()
         path_patch_heads(model, dataset, receivers="logits", progress=False)
@@ -49,7 +49,7 @@ def bench(model: pl.PatchModel, dataset: pl.PromptPairDataset) -> None:
         path_patch_heads(model, dataset, receivers=receivers, progress=False)
         t_qkv = time.perf_counter() - start
     finally:
-        patchlab.patching.cache_runs = original
+        kpaths.cache_runs = original
     pairs_logits = lay.n_layers * lay.n_heads
     pairs_qkv = 3 * (lay.n_layers - 2) * lay.n_heads  # senders before the receivers, x 3 channels
     print(f"\n{model.model_id}: {tokens.n_prompts} prompts x {tokens.n_pos} tokens, {torch.get_num_threads()} threads; "

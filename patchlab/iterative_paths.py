@@ -26,6 +26,7 @@ forward order): a run is deterministic given the model, data and arguments.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -41,8 +42,9 @@ from .data import PromptPairDataset
 from .graph import Channel, Edge, Graph, Node, NodeKind
 from .metrics import Direction, Metric, get_metric, score_formula
 from .models import PatchModel
-from .paths import path_patch_heads
+from .paths import path_caches, path_patch_heads
 from .provenance import provenance_attrs
+from .remote import resolve_remote
 
 __all__ = ["iterative_path_patching"]
 
@@ -55,7 +57,7 @@ def iterative_path_patching(model: PatchModel, dataset: PromptPairDataset, *, th
                             channels: Iterable[str | Channel] = ("q", "k", "v"), metric: Metric | str = Metric.LOGIT_DIFF,
                             direction: Direction | str = Direction.NOISING, freeze_mlps: bool = True,
                             seed: int | None = None, progress: bool = True,
-                            checkpoint: str | os.PathLike | None = None) -> Circuit:
+                            checkpoint: str | os.PathLike | None = None, remote=None) -> Circuit:
     """Grow a circuit of heads from the logits by path patching (Wang et al. 2022, arXiv 2211.00593).
 
     Args:
@@ -83,6 +85,11 @@ def iterative_path_patching(model: PatchModel, dataset: PromptPairDataset, *, th
             a sweep's values must match; the walk (threshold, max_depth,
             max_receivers_per_step) is redone from the saved sweeps, so a
             checkpoint can be extended with a lower threshold or more depth.
+        remote: see `patchlab.remote`; this costs 1 request for step 0 (every
+            head -> logits) plus 1 per receiver swept at a later step (its q, k
+            and v together); sweeps found in the checkpoint cost none. Each
+            request caches the clean and corrupted runs itself; here they are
+            cached once for the whole walk.
 
     Returns:
         A `Circuit` of ``Graph.from_model(model)`` whose scores (`edge_scores`)
@@ -116,6 +123,10 @@ def iterative_path_patching(model: PatchModel, dataset: PromptPairDataset, *, th
               "direction": direction.value, "freeze_mlps": bool(freeze_mlps), "channels": [c.value for c in channels]}
     cache = _load(checkpoint, config)
 
+    @functools.cache
+    def caches() -> dict | None:  # the runs' caches, computed once here; remotely each request computes its own
+        return path_caches(model, dataset) if resolve_remote(remote, model.remote) is None else None
+
     def targets(head: Node) -> list[tuple[Node, Channel]]:  # the receiver channels of a head's sweep
         kv = Node(kv_kind, head.layer, head.head // group)
         return list(dict.fromkeys((head if c is Channel.Q else kv, c) for c in channels))
@@ -127,11 +138,12 @@ def iterative_path_patching(model: PatchModel, dataset: PromptPairDataset, *, th
         if not todo:
             return
         if receiver == _LOGITS:
-            ds = path_patch_heads(model, dataset, receivers="logits", progress=progress, **common)
+            ds = path_patch_heads(model, dataset, receivers="logits", progress=progress, caches=caches(),
+                                  remote=remote, **common)
             cache["baselines"] = {"clean": float(ds.clean.mean()), "corrupted": float(ds.corrupted.mean())}
         else:
             ds = path_patch_heads(model, dataset, receivers=[receiver], channels=[c.value for _, c in todo],
-                                  progress=progress, **common)
+                                  progress=progress, caches=caches(), remote=remote, **common)
         base = ds.clean if direction is Direction.NOISING else ds.corrupted
         effect = ds.patched.mean("prompt") - base.mean("prompt")
         for node, channel in todo:

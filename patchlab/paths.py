@@ -22,19 +22,27 @@ import xarray as xr
 
 from .data import PromptPairDataset
 from .graph import Channel, Node, NodeKind
-from .metrics import Direction, Metric
+from .metrics import Direction, Metric, get_metric
 from .models import PatchModel
-from .patching import prepare_runs, result_dataset, tokenize_for
-from .path_runner import path_cache_sites, path_patch_rows
+from .patching import pair_targets, result_dataset, run_pair, tokenize_for
+from .path_runner import cache_path_runs, path_patch_rows
 
-__all__ = ["path_patch_heads"]
+__all__ = ["path_patch_heads", "path_caches"]
+
+
+def path_caches(model: PatchModel, dataset: PromptPairDataset) -> dict:
+    """The clean and corrupted runs' activations that path patching reads, computed here
+    (one forward pass), to pass as ``caches=`` to several `path_patch_heads` sweeps of
+    `dataset`. Local models only: remotely every sweep computes its own in its request."""
+    return cache_path_runs(model, [run_pair(tokenize_for(model, dataset))])
 
 
 def path_patch_heads(model: PatchModel, dataset: PromptPairDataset, *,
                      receivers: str | Sequence[Node] = "logits", channels: Iterable[str | Channel] = ("q", "k", "v"),
                      via: Sequence[tuple[Node, str | Channel]] = (), freeze_mlps: bool = False, metric: Metric | str = Metric.LOGIT_DIFF,
                      direction: Direction | str = Direction.NOISING, seed: int | None = None,
-                     progress: bool = True, memory_mb: float = 1024) -> xr.Dataset:
+                     progress: bool = True, memory_mb: float = 1024, caches: dict | None = None,
+                     remote=None) -> xr.Dataset:
     """Path patching from every head (one sender per row) to a set of receivers.
 
     Args:
@@ -49,8 +57,12 @@ def path_patch_heads(model: PatchModel, dataset: PromptPairDataset, *,
             grouped-query models take key/value-head nodes. The hop's inputs are
             recorded with the senders patched, then patched in with only the hop's
             heads live and every other head frozen.
-        freeze_mlps: freeze MLPs to their clean values too (default: recompute).
+        freeze_mlps: freeze MLPs to their base run's values too (default: recompute).
         metric, direction, seed: as in `patchlab.patch_layer_pos`.
+        caches: `path_caches` of `dataset`, to share among sweeps run here;
+            None: computed within the call.
+        remote: see `patchlab.remote`; this costs 1 request (the caches, every
+            pass and the metric together).
 
     Returns:
         Dataset with ``patched`` ([channel,] layer, head, prompt) and ``score``
@@ -85,18 +97,20 @@ def path_patch_heads(model: PatchModel, dataset: PromptPairDataset, *,
     senders = [Node(NodeKind.HEAD, layer, h) for layer in range(min(first, lay.n_layers)) for h in range(lay.n_heads)]
 
     tokens = tokenize_for(model, dataset)
-    runs = prepare_runs(model, tokens, path_cache_sites(model), metric, direction)
+    metric, direction = get_metric(metric), Direction(direction)
+    base, source = ("corrupted", "clean") if direction is Direction.DENOISING else ("clean", "corrupted")
     grid = torch.full((len(sets), lay.n_layers, lay.n_heads, tokens.n_prompts), float("nan"))
-    values = path_patch_rows(model, base_ids=runs.base_ids, base=runs.base, source=runs.source,
-                             rows=[(s,) for s in senders], receiver_sets=list(sets.values()),
-                             metric=runs.metric, targets=runs.targets,
-                             hops=[via] if via else [], freeze_mlps=freeze_mlps, memory_mb=memory_mb,
-                             progress=progress)
-    grid[:, :first] = values.reshape(len(sets), first, lay.n_heads, -1)
+    result = path_patch_rows(model, passes=[run_pair(tokens)], base=base, source=source,
+                             base_ids=tokens.corrupted_ids if base == "corrupted" else tokens.clean_ids,
+                             rows=[(s,) for s in senders], receiver_sets=list(sets.values()), metric=metric,
+                             targets=pair_targets(tokens), hops=[via] if via else [], freeze_mlps=freeze_mlps,
+                             memory_mb=memory_mb, progress=progress, acts=caches, remote=remote)
+    grid[:, :first] = result.values.reshape(len(sets), first, lay.n_heads, -1)
     dims, coords = ("layer", "head"), {"layer": list(range(lay.n_layers)), "head": list(range(lay.n_heads))}
     patched = grid if channel_dim else grid[0]
     if channel_dim:
         dims, coords = ("channel",) + dims, {"channel": np.asarray(list(sets), dtype=str), **coords}
-    return result_dataset(model, dataset, tokens, runs.baselines, patched, dims, coords, "path", seed,
+    baselines = {"metric": metric, "direction": direction, **result.runs}
+    return result_dataset(model, dataset, tokens, baselines, patched, dims, coords, "path", seed,
                           receivers=labels, via=",".join(f"{n.label}.{c.value}" for n, c in via),
                           freeze_mlps=int(freeze_mlps), method="path patching (Wang et al. 2022)")

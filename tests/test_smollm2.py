@@ -79,8 +79,8 @@ def test_edge_and_path_patching_equal_reference(smollm2):
     from patchlab.edges import patch_edges
     from patchlab.graph import Channel, Edge, Node, NodeKind
     from patchlab.metrics import Metric, Targets
-    from patchlab.path_runner import path_cache_sites, path_patch_rows
-    from patchlab.runner import cache_runs
+    from patchlab.patching import run_pair
+    from patchlab.path_runner import path_patch_rows
 
     from .reference_graph import reference_edge_patched_logits, reference_path_patched_logits
     from .test_edges_exact import ref_edge
@@ -97,11 +97,11 @@ def test_edge_and_path_patching_equal_reference(smollm2):
         logits = reference_edge_patched_logits(smollm2.hf, tokens.clean_ids, tokens.corrupted_ids, [ref_edge(e) for e in edges])
         assert torch.allclose(torch.from_numpy(ds.patched.values[i]), Metric.LOGIT_DIFF(logits, targets).double(), atol=TOL)
 
-    clean, corrupted = cache_runs(smollm2, [tokens.clean_ids, tokens.corrupted_ids], path_cache_sites(smollm2))
     senders = [(head(20, 0),), (head(8, 1),), (Node(NodeKind.MLP, 3),)]
     receiver_sets = [[(head(23, 3), Channel.Q)], [(Node(NodeKind.LOGITS), Channel.IN)]]
-    values = path_patch_rows(smollm2, base_ids=tokens.clean_ids, base=clean, source=corrupted, rows=senders,
-                             receiver_sets=receiver_sets, metric=Metric.LOGIT_DIFF, targets=targets, progress=False)
+    values = path_patch_rows(smollm2, passes=[run_pair(tokens)], base="clean", source="corrupted",
+                             base_ids=tokens.clean_ids, rows=senders, receiver_sets=receiver_sets,
+                             metric=Metric.LOGIT_DIFF, targets=targets, progress=False).values
     for r, (sender,) in enumerate(senders):
         ref_sender = ("mlp", sender.layer) if sender.kind is NodeKind.MLP else ("head", sender.layer, sender.head)
         for i, receivers in enumerate([[(("head", 23, 3), "q")], "logits"]):
