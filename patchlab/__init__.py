@@ -41,7 +41,6 @@ from .metrics import Direction, Metric
 from .models import PatchModel, load_model
 from .patching import patch_components, patch_heads, patch_layer_pos
 from .paths import path_patch_heads
-from . import remote
 from .remote import (Remote, RemoteAuthError, RemoteConnectionError, RemoteExecutionError, RemoteJobError,
                      RemoteTimeoutError)
 from .plotting import plot_layer_head, plot_layer_pos, plot_sweep

@@ -40,7 +40,6 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from .components import Site
 from .data import TokenizedPairs
@@ -51,7 +50,7 @@ from .metrics import Direction, Metric, get_metric
 from .models import PatchModel
 from .patching import pair_targets, run_pair
 from .remote import execute, resolve_remote
-from .runner import chunk_rows, progress_callback, rows_per_chunk
+from .runner import chunk_progress, chunk_rows, rows_per_chunk
 
 __all__ = ["graph_cache_sites", "edge_patch_rows", "local_graph_cache", "EdgeResult"]
 
@@ -148,8 +147,8 @@ def edge_patch_rows(model: PatchModel, graph: Graph, *, tokens: TokenizedPairs, 
             "chunks": [{"start": starts[chunk[0]], "n_rows": len(chunk),
                         "keys": _plan(model, graph, [rows[r] for r in chunk], [summaries[r][1] for r in chunk], n_pos)}
                        for chunk in chunks]}
-    with tqdm(total=len(chunks), desc="edge patching", unit="pass", disable=not progress, leave=False) as bar:
-        out = execute(model, kedges.edge_program, spec, acts, progress_callback(model, remote, bar), remote=remote)
+    with chunk_progress(model, remote, len(chunks), "edge patching", progress) as update:
+        out = execute(model, kedges.edge_program, spec, acts, update, remote=remote)
     values = torch.empty(len(rows), n_prompts)
     for chunk, v in zip(chunks, out["values"]):
         values[chunk] = v.reshape(len(chunk), n_prompts).cpu()

@@ -20,7 +20,6 @@ dims ``layer``, ``head``, ``pos``, ``prompt`` and ``component`` and carry:
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -33,7 +32,7 @@ from .data import PromptPairDataset, TokenizedPairs
 from .metrics import Direction, Metric, Targets, get_metric, normalised_score, score_formula
 from .models import PatchModel
 from .provenance import provenance_attrs
-from .runner import CachePass, RunCache, cache_runs, patch_rows
+from .runner import CachePass, patch_rows
 
 __all__ = ["patch_components", "patch_layer_pos", "patch_heads"]
 
@@ -172,36 +171,6 @@ def _check_component(model: PatchModel, tokens: TokenizedPairs, c: Component) ->
     if c.site is Site.RESID_MID and not model.adapter.has_resid_mid(model.hf.config):
         raise ValueError(f"{model.adapter.family} uses a parallel residual: resid_mid does not exist; "
                          "patch attn_out or mlp_out instead")
-
-
-@dataclass(frozen=True)
-class Runs:
-    """What every sweep needs once: the base and source runs and their caches, the
-    metric's targets and the clean/corrupted baselines (``[prompt]``)."""
-
-    metric: Metric
-    direction: Direction
-    targets: Targets
-    base_ids: torch.Tensor
-    base: RunCache
-    source: RunCache
-    baselines: dict
-
-
-def prepare_runs(model: PatchModel, tokens: TokenizedPairs, sites, metric: Metric | str,
-                 direction: Direction | str) -> Runs:
-    """Cache the clean and corrupted runs once (one forward pass) at `sites` and pick
-    the base run (patched into) and the source run by direction: denoising patches
-    clean values into the corrupted run, noising corrupted values into the clean run."""
-    metric, direction = get_metric(metric), Direction(direction)
-    clean, corrupted = cache_runs(model, [tokens.clean_ids, tokens.corrupted_ids], sites)
-    targets = Targets(correct=tokens.correct_ids, incorrect=tokens.incorrect_ids,
-                      clean_logprobs=torch.log_softmax(clean.logits.float(), dim=-1))
-    base_ids, base, source = ((tokens.corrupted_ids, corrupted, clean) if direction is Direction.DENOISING
-                              else (tokens.clean_ids, clean, corrupted))
-    baselines = {"metric": metric, "direction": direction,
-                 "clean": metric(clean.logits, targets).cpu(), "corrupted": metric(corrupted.logits, targets).cpu()}
-    return Runs(metric, direction, targets, base_ids, base, source, baselines)
 
 
 def _run(model: PatchModel, tokens: TokenizedPairs, grid: list[Component], metric, direction,

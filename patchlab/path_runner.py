@@ -25,7 +25,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from .components import Site
 from .graph import Channel, Node, NodeKind
@@ -34,7 +33,7 @@ from .kernels import paths as kpaths
 from .metrics import Metric, Targets
 from .models import PatchModel
 from .remote import execute
-from .runner import CachePass, PatchResult, chunk_rows, progress_callback, rows_per_chunk
+from .runner import CachePass, PatchResult, chunk_progress, chunk_rows, rows_per_chunk
 
 __all__ = ["path_cache_sites", "cache_path_runs", "path_patch_rows"]
 
@@ -104,8 +103,8 @@ def path_patch_rows(model: PatchModel, *, passes: Sequence[CachePass], base: str
                               for rs in receiver_sets],
             "chunks": [{"n_rows": len(chunk), "start": starts[chunk[0]],
                         **_sender_masks(model, [rows[r] for r in chunk], n_prompts)} for chunk in chunks]}
-    with tqdm(total=len(chunks), desc="path patching", unit="pass", disable=not progress, leave=False) as bar:
-        out = execute(model, kpaths.path_program, spec, progress_callback(model, remote, bar), acts, remote=remote)
+    with chunk_progress(model, remote, len(chunks), "path patching", progress) as update:
+        out = execute(model, kpaths.path_program, spec, update, acts, remote=remote)
     values = torch.empty(len(receiver_sets), len(rows), n_prompts)
     for chunk, v in zip(chunks, out["values"]):
         values[:, chunk] = v.reshape(len(receiver_sets), len(chunk), n_prompts).cpu()

@@ -1,17 +1,13 @@
 """The runner: plans activation patching on the client and runs it as one program.
 
-Two operations:
+`patch_rows` evaluates a metric with many patch sets at once. Row ``r`` of a
+sweep patches the components ``rows[r]`` with the source run's values into the
+base run. Rows are laid out along the batch (batch index = row * n_prompts +
+prompt) and each hook point gets one vectorised ``torch.where`` write.
 
-- `cache_runs`: one forward pass over several runs (clean, corrupted) that
-  records every requested activation in canonical shape, plus the final
-  position's logits.
-- `patch_rows`: evaluate a metric with many patch sets at once. Row ``r`` of a
-  sweep patches the components ``rows[r]`` with the source run's values into the
-  base run. Rows are laid out along the batch (batch index = row * n_prompts +
-  prompt) and each hook point gets one vectorised ``torch.where`` write.
-
-Both run their model work through `patchlab.remote.execute`: one session, here or
-as one remote request; the caches stay where the model is. Work that cannot
+The cache passes of the runs and every patched pass form one program
+(`patchlab.kernels.patching`) run by `patchlab.remote.execute`: one session here,
+or one remote request; the caches stay where the model is. Work that cannot
 change is not recomputed: a chunk whose earliest patch is at layer ``L`` skips
 blocks ``0..L-1`` (their output is the base run's cached residual stream
 entering ``L``), and only the final position's logits are computed
@@ -22,8 +18,9 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -34,22 +31,7 @@ from .metrics import Metric, Targets
 from .models import PatchModel
 from .remote import execute, resolve_remote
 
-__all__ = ["RunCache", "CachePass", "cache_runs", "patch_rows", "rows_per_chunk", "chunk_rows", "skip_value",
-           "progress_callback"]
-
-
-@dataclass(frozen=True)
-class RunCache:
-    """Activations of one run.
-
-    Attributes:
-        acts: ``{(site, layer): tensor}`` in canonical shape, ``[prompt, pos, d_model]``
-            or ``[prompt, pos, head, d_head]``.
-        logits: final-position logits, ``[prompt, vocab]``.
-    """
-
-    acts: dict[tuple[Site, int], torch.Tensor]
-    logits: torch.Tensor
+__all__ = ["CachePass", "PatchResult", "patch_rows", "rows_per_chunk", "chunk_rows", "chunk_progress"]
 
 
 @dataclass(frozen=True)
@@ -66,20 +48,6 @@ class CachePass:
     names: tuple[str, ...]
     ids: torch.Tensor
     noise: dict | None = field(default=None)
-
-
-def cache_runs(model: PatchModel, runs: Sequence[torch.Tensor], sites: Iterable[tuple[Site, int]], *,
-               remote=None) -> list[RunCache]:
-    """Run several token batches (each ``[prompt, pos]``, same shape) in one forward pass.
-
-    Returns one `RunCache` per run with the activations at `sites` (they come back to
-    the client: with a remote model, cache only what you need).
-    """
-    names = tuple(str(i) for i in range(len(runs)))
-    spec = [{"names": names, "ids": torch.cat(list(runs)), "sites": _site_values(sites)}]
-    acts = execute(model, kpatching.cache_runs, model.arch(), spec, remote=remote)
-    return [RunCache(acts={(Site(k[1]), k[2]): v for k, v in acts.items() if k[0] == name and k[1] != "logits"},
-                     logits=acts[(name, "logits")]) for name in names]
 
 
 @dataclass(frozen=True)
@@ -126,17 +94,23 @@ def patch_rows(model: PatchModel, *, passes: Sequence[CachePass], base: str, sou
             "runs": [{"names": p.names, "ids": p.ids, "sites": _site_values(sites), "noise": p.noise} for p in passes],
             "chunks": [{"start": starts[chunk[0]], "n_rows": len(chunk),
                         "writes": _plan_writes(model, [rows[r] for r in chunk], n_prompts, n_pos)} for chunk in chunks]}
-    with tqdm(total=len(chunks), desc="patching", unit="pass", disable=not progress, leave=False) as bar:
-        out = execute(model, kpatching.patch_program, spec, progress_callback(model, remote, bar), remote=remote)
+    with chunk_progress(model, remote, len(chunks), "patching", progress) as update:
+        out = execute(model, kpatching.patch_program, spec, update, remote=remote)
     values = torch.empty(len(rows), n_prompts)
     for chunk, v in zip(chunks, out["values"]):
         values[chunk] = v.reshape(len(chunk), n_prompts).cpu()
     return PatchResult(values=values, runs={k: v.cpu() for k, v in out["runs"].items()})
 
 
-def progress_callback(model: PatchModel, remote, bar):
-    """`bar.update` when running here; None remotely (a progress bar cannot travel)."""
-    return None if resolve_remote(remote, model.remote) is not None else bar.update
+@contextmanager
+def chunk_progress(model: PatchModel, remote, total: int, desc: str, enabled: bool = True):
+    """A progress bar over a program's forward passes: yields its ``update`` when the program
+    runs here, None remotely (a bar cannot travel; nnsight shows the request's status)."""
+    if not enabled or resolve_remote(remote, model.remote) is not None:
+        yield None
+        return
+    with tqdm(total=total, desc=desc, unit="pass", leave=False) as bar:
+        yield bar.update
 
 
 def _site_values(sites) -> list[tuple[str, int]]:
@@ -165,14 +139,6 @@ def rows_per_chunk(model: PatchModel, n_prompts: int, n_pos: int, memory_mb: flo
     lay = model.layout
     bytes_per_sequence = 4 * n_pos * (16 * lay.d_model + 3 * lay.n_heads * n_pos) + 4 * 2 * lay.vocab_size
     return max(1, math.floor(memory_mb * 2**20 / (bytes_per_sequence * n_prompts)))
-
-
-def skip_value(model: PatchModel, base: RunCache, start: int, n_rows: int):
-    """What skipped blocks ``0..start-1`` return: the base run's residual stream entering `start`."""
-    if start == 0:
-        return None
-    value = base.acts[(Site.RESID_PRE, start)].repeat(n_rows, 1, 1).to(model.device)
-    return (value,) + (None,) * (model.block_output_arity - 1) if model.block_output_arity else value
 
 
 def _start_layer(model: PatchModel, row: tuple[Component, ...]) -> int:

@@ -21,7 +21,7 @@ import xarray as xr
 from nnsight.modeling.transformers import TransformersModel
 
 import patchlab as pl
-from patchlab.remote import model_key
+from patchlab.remote import model_key, resolve_remote
 
 from .ndif_server import INJECTED_FAILURE, LoopbackNDIF, closed_port_url
 from .tiny_models import tiny_model, tiny_tokenizer
@@ -137,6 +137,25 @@ def test_edge_algorithms_equal_local_in_their_request_budget(models, server, fam
     assert len(requests(server)) == 1 + remote.scores.attrs["n_evaluated"]
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_path_algorithms_equal_local_in_their_request_budget(models, server, family):
+    model, data = models[family], pairs(models[family])
+    receivers = [pl.Node(pl.NodeKind.HEAD, 2, 0), pl.Node(pl.NodeKind.HEAD, 2, 1)]
+    for kw in (dict(), dict(receivers=receivers, freeze_mlps=True, memory_mb=0.05),
+               dict(via=[(pl.Node(pl.NodeKind.HEAD, 1, 1), "q")])):
+        server.reset()
+        local = pl.path_patch_heads(model, data, progress=False, **kw)
+        assert_same_results(local, pl.path_patch_heads(model, data, progress=False, remote=server.url, **kw))
+        assert len(requests(server)) == 1
+    server.reset()
+    walk = dict(threshold=0.0, max_depth=2, max_receivers_per_step=2, progress=False)
+    local = pl.iterative_path_patching(model, data, **walk)
+    remote = pl.iterative_path_patching(model, data, remote=server.url, **walk)
+    assert remote.edges == local.edges
+    assert_same_results(local.scores, remote.scores)
+    assert len(requests(server)) == 1 + 2  # the direct effects, then one per receiver swept at depth 1
+
+
 def test_facts_and_causal_tracing_equal_local(models, server):
     model = models["llama"]
 
@@ -247,4 +266,4 @@ def test_meta_model_needs_no_local_weights(models, server, tmp_path):
 
 def test_remote_argument_is_checked():
     with pytest.raises(ValueError, match="remote='nowhere': use False, True"):
-        pl.remote.resolve_remote("nowhere")
+        resolve_remote("nowhere")

@@ -4,8 +4,6 @@ modules hidden) as locally, in the request budget their docstrings state."""
 
 from __future__ import annotations
 
-import ast
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -101,18 +99,6 @@ def test_local_runs_cache_once_for_every_block(setup, requests):
     model, dataset, _, every = setup
     exact_edge_scores(model, dataset, edges=every[:6], block=2, progress=False)
     assert requests == [False] + [None] * 3
-
-
-def test_edge_kernel_imports_only_torch_math_and_kernels():
-    """The server lacks patchlab; kernel functions travel by value. A kernel *module* object
-    (``from . import common``) would travel with its loader, which the server refuses."""
-    path = Path(pl.__file__).parent / "kernels" / "edges.py"
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            assert all(a.name.split(".")[0] in ("torch", "math") for a in node.names), ast.dump(node)
-        elif isinstance(node, ast.ImportFrom):
-            assert (node.level == 1 and node.module) or (node.level == 0 and node.module.split(".")[0] in
-                                                         ("torch", "math")), ast.dump(node)
 
 
 def test_a_channel_the_receiver_lacks_is_refused():
