@@ -221,7 +221,7 @@ def test_connection_refused_names_the_host(models):
         pl.patch_heads(models["gpt2"], pairs(models["gpt2"]), progress=False, remote=url)
 
 
-def test_bad_api_key_is_refused_with_the_fix(models):
+def test_bad_api_key_is_refused_with_the_fix(models, monkeypatch):
     model = models["gpt2"]
     hosted = {model_key(model): TransformersModel(copy.deepcopy(model.hf), tokenizer=model.tokenizer,
                                                   task="text-generation")}
@@ -232,6 +232,11 @@ def test_bad_api_key_is_refused_with_the_fix(models):
         remote = pl.patch_heads(model, pairs(model), progress=False,
                                 remote=pl.Remote(host=keyed.url, api_key="good-key"))
         assert_same_results(local, remote)
+        # remote=True: host and key from nnsight's config (which NDIF_HOST / NDIF_API_KEY set)
+        monkeypatch.setattr(nnsight.CONFIG.API, "HOST", keyed.url)
+        monkeypatch.setattr(nnsight.CONFIG.API, "APIKEY", "good-key")
+        assert_same_results(local, pl.patch_heads(model, pairs(model), progress=False, remote=True))
+        assert [r.status for r in keyed.requests] == ["REJECTED", "COMPLETED", "COMPLETED"]
 
 
 def test_result_that_does_not_arrive_times_out(models, server):
