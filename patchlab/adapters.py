@@ -141,30 +141,6 @@ class Adapter:
         """The hook point that carries `site` at `layer` (for reading)."""
         return HookPoint(*K.point(self._paths, site.value, layer))
 
-    def mlp_in_point(self, layer: int) -> HookPoint:
-        """The input of the norm in front of the MLP: the residual stream the MLP reads."""
-        return HookPoint(*K.mlp_in_point(self._paths, layer))
-
-    def final_norm_module(self, root):
-        return K.module(root, self.final_norm)
-
-    def attn_norm_module(self, root, layer: int):
-        return K.module(self.block(root, layer), self.attn_norm)
-
-    def attn_post_norm(self) -> bool:
-        """Whether the attention output passes a norm before the residual stream (Gemma)."""
-        return self.post_norms
-
-    def head_weights(self, root, layer: int, layout: Layout) -> torch.Tensor:
-        """Output projection split per head, ``[head, d_head, d_model]`` (no bias)."""
-        return K.head_weights(root, self.arch(root, layout), layer)
-
-    def input_head_weights(self, root, site: Site, layer: int, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
-        """The q, k or v projection split per (key/value) head: weight ``[d_model, head, d_head]``
-        and bias ``[head, d_head]`` (zeros without one), so that head h's slice of the
-        projection output is ``x @ weight[:, h] + bias[h]``."""
-        return K.input_head_weights(root, self.arch(root, layout), site.value, layer)
-
     def write_point(self, site: Site, layer: int) -> HookPoint:
         """The hook point written to patch `site`: resid_mid is written through the attention branch."""
         return HookPoint(*K.write_point(self._paths, site.value, layer))
@@ -172,14 +148,8 @@ class Adapter:
     # ---- canonical views ---------------------------------------------------
     def view(self, site: Site, raw: torch.Tensor, layout: Layout) -> torch.Tensor:
         """The site's value in canonical shape: ``[batch, pos, d_model]`` or ``[batch, pos, head, d_head]``."""
-        return K.view(self._layout_arch(layout), site.value, raw)
-
-    def unview(self, site: Site, raw: torch.Tensor, new: torch.Tensor, layout: Layout) -> torch.Tensor:
-        """Inverse of `view`: the raw module value with the site's part replaced by `new`."""
-        return K.unview(self._layout_arch(layout), site.value, raw, new)
-
-    def _layout_arch(self, layout: Layout) -> dict:
-        return {**self._paths, "n_heads": layout.n_heads, "n_kv_heads": layout.n_kv_heads, "d_head": layout.d_head}
+        sizes = {"n_heads": layout.n_heads, "n_kv_heads": layout.n_kv_heads, "d_head": layout.d_head}
+        return K.view({**self._paths, **sizes}, site.value, raw)
 
     # ---- validation ---------------------------------------------------------
     def validate(self, model: torch.nn.Module, layout: Layout) -> None:

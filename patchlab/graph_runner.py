@@ -50,7 +50,7 @@ from .metrics import Direction, Metric, get_metric
 from .models import PatchModel
 from .patching import pair_targets, run_pair
 from .remote import execute, resolve_remote
-from .runner import chunk_progress, chunk_rows, rows_per_chunk
+from .runner import chunk_progress, chunk_rows, pass_specs, rows_per_chunk
 
 __all__ = ["graph_cache_sites", "edge_patch_rows", "local_graph_cache", "EdgeResult"]
 
@@ -86,13 +86,6 @@ class EdgeResult:
         return {"metric": self.metric, "direction": self.direction, "clean": self.clean, "corrupted": self.corrupted}
 
 
-def _graph_pass(model: PatchModel, tokens: TokenizedPairs) -> dict:
-    """The cache pass of the clean and corrupted runs at `graph_cache_sites`."""
-    pair = run_pair(tokens)
-    sites = sorted({(site.value, layer) for site, layer in graph_cache_sites(model)}, key=lambda sl: (sl[1], sl[0]))
-    return {"names": pair.names, "ids": pair.ids, "sites": sites, "noise": None}
-
-
 def local_graph_cache(model: PatchModel, tokens: TokenizedPairs, remote=None) -> dict | None:
     """The clean and corrupted runs' activation cache for repeated `edge_patch_rows` calls
     (``acts=``), made once here; None when running remotely (each request then caches
@@ -102,7 +95,7 @@ def local_graph_cache(model: PatchModel, tokens: TokenizedPairs, remote=None) ->
     """
     if resolve_remote(remote, model.remote) is not None:
         return None
-    return execute(model, kpatching.cache_runs, model.arch(), [_graph_pass(model, tokens)], remote=False)
+    return execute(model, kpatching.cache_runs, model.arch(), pass_specs([run_pair(tokens)], graph_cache_sites(model)), remote=False)
 
 
 def edge_patch_rows(model: PatchModel, graph: Graph, *, tokens: TokenizedPairs, rows: Sequence[Sequence[Edge]],
@@ -141,7 +134,7 @@ def edge_patch_rows(model: PatchModel, graph: Graph, *, tokens: TokenizedPairs, 
     weights = [1 + n_terms / 8 for _, _, n_terms in summaries]  # a correction term costs ~1/8 of a row's activations
     chunks = chunk_rows(starts, rows_per_chunk(model, n_prompts, n_pos, memory_mb), weights)
     targets = pair_targets(tokens)
-    spec = {"arch": model.arch(), "runs": [_graph_pass(model, tokens)], "base": base, "source": source,
+    spec = {"arch": model.arch(), "runs": pass_specs([run_pair(tokens)], graph_cache_sites(model)), "base": base, "source": source,
             "ablation": ablation, "base_ids": base_ids, "metric": metric.value, "kl_from": "clean",
             "targets": {"correct": targets.correct, "incorrect": targets.incorrect},
             "chunks": [{"start": starts[chunk[0]], "n_rows": len(chunk),

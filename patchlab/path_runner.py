@@ -33,7 +33,7 @@ from .kernels import paths as kpaths
 from .metrics import Metric, Targets
 from .models import PatchModel
 from .remote import execute
-from .runner import CachePass, PatchResult, chunk_progress, chunk_rows, rows_per_chunk
+from .runner import CachePass, PatchResult, chunk_progress, chunk_rows, pass_specs, rows_per_chunk
 
 __all__ = ["path_cache_sites", "cache_path_runs", "path_patch_rows"]
 
@@ -47,7 +47,7 @@ def cache_path_runs(model: PatchModel, passes: Sequence[CachePass]) -> dict:
     """The runs' path caches (`path_cache_sites`), computed here (one session) to pass as ``acts=``
     to several `path_patch_rows` calls on the same runs. Local models only: remotely each request
     computes its own caches (shipping them would cost megabytes per request)."""
-    return execute(model, kpatching.cache_runs, model.arch(), _runs(model, passes), remote=False)
+    return execute(model, kpatching.cache_runs, model.arch(), pass_specs(passes, path_cache_sites(model)), remote=False)
 
 
 def path_patch_rows(model: PatchModel, *, passes: Sequence[CachePass], base: str, source: str,
@@ -95,7 +95,7 @@ def path_patch_rows(model: PatchModel, *, passes: Sequence[CachePass], base: str
     first_receiver = min(_layer(model, node) for node, _ in stages[0])
     starts = [min((s.layer for s in row), default=first_receiver) for row in rows]
     chunks = chunk_rows(starts, rows_per_chunk(model, n_prompts, n_pos, memory_mb))
-    spec = {"arch": model.arch(), "runs": _runs(model, passes), "base": base, "source": source,
+    spec = {"arch": model.arch(), "runs": pass_specs(passes, path_cache_sites(model)), "base": base, "source": source,
             "base_ids": base_ids, "metric": metric.value, "kl_from": kl_from, "freeze_mlps": freeze_mlps,
             "targets": {"correct": targets.correct, "incorrect": targets.incorrect},
             "stages": _stages(model, stages),
@@ -132,11 +132,6 @@ def _check(model: PatchModel, rows, stages) -> None:
 
 def _layer(model: PatchModel, node: Node) -> int:
     return model.layout.n_layers if node.kind is NodeKind.LOGITS else node.layer
-
-
-def _runs(model: PatchModel, passes: Sequence[CachePass]) -> list[dict]:
-    sites = sorted({(site.value, layer) for site, layer in path_cache_sites(model)}, key=lambda sl: (sl[1], sl[0]))
-    return [{"names": p.names, "ids": p.ids, "sites": sites, "noise": p.noise} for p in passes]
 
 
 def _stages(model: PatchModel, stages) -> list[dict]:

@@ -31,7 +31,7 @@ from .metrics import Metric, Targets
 from .models import PatchModel
 from .remote import execute, resolve_remote
 
-__all__ = ["CachePass", "PatchResult", "patch_rows", "rows_per_chunk", "chunk_rows", "chunk_progress"]
+__all__ = ["CachePass", "PatchResult", "patch_rows", "rows_per_chunk", "chunk_rows", "chunk_progress", "pass_specs"]
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ def patch_rows(model: PatchModel, *, passes: Sequence[CachePass], base: str, sou
     spec = {"arch": model.arch(), "base": base, "source": source, "base_ids": base_ids,
             "base_embeds": base_embeds, "metric": metric.value, "kl_from": kl_from,
             "targets": {"correct": targets.correct, "incorrect": targets.incorrect},
-            "runs": [{"names": p.names, "ids": p.ids, "sites": _site_values(sites), "noise": p.noise} for p in passes],
+            "runs": pass_specs(passes, sites),
             "chunks": [{"start": starts[chunk[0]], "n_rows": len(chunk),
                         "writes": _plan_writes(model, [rows[r] for r in chunk], n_prompts, n_pos)} for chunk in chunks]}
     with chunk_progress(model, remote, len(chunks), "patching", progress) as update:
@@ -113,8 +113,11 @@ def chunk_progress(model: PatchModel, remote, total: int, desc: str, enabled: bo
         yield bar.update
 
 
-def _site_values(sites) -> list[tuple[str, int]]:
-    return sorted({(site.value, layer) for site, layer in sites}, key=lambda sl: (sl[1], sl[0]))
+def pass_specs(passes: Sequence[CachePass], sites) -> list[dict]:
+    """The cache passes as the plain dicts kernel programs read, each caching `sites`
+    (``(Site, layer)`` pairs) in forward order."""
+    values = sorted({(site.value, layer) for site, layer in sites}, key=lambda sl: (sl[1], sl[0]))
+    return [{"names": p.names, "ids": p.ids, "sites": values, "noise": p.noise} for p in passes]
 
 
 def chunk_rows(start_layers: Sequence[int], limit: float, weights: Sequence[float] | None = None) -> list[list[int]]:
