@@ -295,3 +295,221 @@ def test_save_json_is_recorded_in_the_manifest(tmp_path):
         path = run.save_json({"edges": ["L1H2->logits"]}, "circuit")
     assert json.loads(path.read_text()) == {"edges": ["L1H2->logits"]}
     assert json.loads((run.path / "manifest.json").read_text())["files"] == {"circuit.json": sha256(path)}
+
+
+# ---- the manifest while a run goes, killed runs, resuming ------------------------------------
+
+import signal  # noqa: E402
+import textwrap  # noqa: E402
+import threading  # noqa: E402
+
+KILLED_CHILD = textwrap.dedent("""
+    import sys, time
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np, xarray as xr
+    import patchlab as pl
+
+    root, run_id = sys.argv[1], sys.argv[2]
+    with pl.ExperimentRun("exp", root=root, config={"n": 3, "resume": ""}, seed=5, run_id=run_id,
+                          command=["child"]) as run:
+        run.save_dataset(xr.Dataset({"x": ("i", np.arange(3.0))}), "first")
+        fig, ax = plt.subplots(figsize=(1, 1))
+        run.save_figure(fig, "first")
+        run.record(model_sha256="ab" * 32)
+        print("saved", flush=True)
+        time.sleep(120)
+""")
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_manifest_is_running_while_the_run_is_open_and_follows_every_write(tmp_path):
+    with pl.ExperimentRun("exp", root=tmp_path, config={"n": 1}, seed=2, run_id="o", command=["x"]) as run:
+        manifest = json.loads((run.path / "manifest.json").read_text())
+        assert manifest["status"] == "running" and manifest["finished"] is None
+        assert manifest["files"] == {} and manifest["config"] == {"n": 1} and manifest["pid"] == os.getpid()
+        path = run.save_dataset(small_result(), "sweep")
+        assert json.loads((run.path / "manifest.json").read_text())["files"] == {"sweep.nc": sha256(path)}
+        run.record(clean_mean=3.25)
+        manifest = json.loads((run.path / "manifest.json").read_text())
+        assert manifest["status"] == "running" and manifest["facts"] == {"clean_mean": 3.25}
+    manifest = json.loads((run.path / "manifest.json").read_text())
+    assert manifest["status"] == "completed" and datetime.fromisoformat(manifest["finished"])
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_a_killed_run_leaves_its_manifest_and_resumes(tmp_path, signum):
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_CHILD, str(tmp_path), "k"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    watchdog = threading.Timer(180, proc.kill)
+    watchdog.start()
+    try:
+        line = proc.stdout.readline()
+        assert line == "saved\n", proc.communicate()[1]
+        proc.send_signal(signum)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        watchdog.cancel()
+    folder = tmp_path / "exp" / "k"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    files = {n: sha256(folder / n) for n in ("first.nc", "first.png")}
+    assert manifest["files"] == files and manifest["facts"] == {"model_sha256": "ab" * 32}
+    if signum == signal.SIGTERM:  # handled: the run is marked failed and the process exits 128 + 15
+        assert proc.returncode == 143, stderr
+        assert manifest["status"] == "failed" and "SIGTERM" in manifest["error"]
+        assert "SIGTERM" in (folder / "log.txt").read_text()
+    else:  # nothing can run after SIGKILL: the last update says running
+        assert proc.returncode == -signal.SIGKILL and manifest["status"] == "running"
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # no temporary files
+
+    config = {"n": 3, "resume": "k"}  # an experiment script's Config.resume names the run being resumed
+    with pl.ExperimentRun("exp", root=tmp_path, config=config, seed=5, run_id="k", resume=True) as run:
+        kept = run.load_dataset("first")
+        run.record(model_sha256="ab" * 32)
+    np.testing.assert_array_equal(kept.x.values, [0.0, 1.0, 2.0])
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["status"] == "completed" and manifest["files"] == files  # the figure is kept too
+    assert manifest["config"] == json.loads((folder / "config.json").read_text()) == {"n": 3, "resume": ""}
+    assert [a["command"] for a in manifest["earlier_attempts"]] == [["child"]]
+
+
+def test_sigterm_in_an_open_run_raises_and_the_handler_is_restored(tmp_path):
+    def previous(signum, frame):
+        raise AssertionError("not while the run is open")
+
+    original = signal.signal(signal.SIGTERM, previous)
+    try:
+        with pytest.raises(experiment_module.RunTerminated) as info:
+            with pl.ExperimentRun("exp", root=tmp_path, config={}, seed=0, run_id="t", command=["x"]) as run:
+                run.save_json({"a": 1}, "partial")
+                signal.raise_signal(signal.SIGTERM)
+                raise AssertionError("SIGTERM did not stop the run")
+        assert isinstance(info.value, SystemExit) and info.value.code == 128 + signal.SIGTERM
+        assert signal.getsignal(signal.SIGTERM) is previous
+    finally:
+        signal.signal(signal.SIGTERM, original)
+    manifest = json.loads((run.path / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and "SIGTERM" in manifest["error"]
+    assert manifest["files"] == {"partial.json": sha256(run.path / "partial.json")}
+
+
+def test_a_run_in_another_thread_leaves_signals_alone(tmp_path):
+    before, errors = signal.getsignal(signal.SIGTERM), []
+
+    def work():
+        try:
+            with pl.ExperimentRun("exp", root=tmp_path, config={}, seed=0, run_id="th", command=["x"]) as run:
+                run.record(a=1)
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join(60)
+    assert errors == [] and signal.getsignal(signal.SIGTERM) is before
+    assert json.loads((tmp_path / "exp" / "th" / "manifest.json").read_text())["status"] == "completed"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ScriptConfig:  # shaped like the experiment scripts' Config
+    n_prompts: int = 8
+    metric: str = "logit_diff"
+    resume: str = ""
+
+
+def failed_first_attempt(root: Path, config: ScriptConfig, seed: int = 0) -> Path:
+    with pytest.raises(RuntimeError, match="interrupted"):
+        with pl.ExperimentRun("exp", root=root, config=config, seed=seed, run_id="r", command=["x"]) as run:
+            run.save_dataset(small_result(), "sweep")
+            run.record(model_id="m", model_sha256="ab" * 32, dataset_sha256="cd" * 32, clean_mean=1.5)
+            raise RuntimeError("interrupted")
+    return run.path
+
+
+def test_resume_refuses_another_config_or_seed_and_changes_nothing(tmp_path):
+    folder = failed_first_attempt(tmp_path, ScriptConfig())
+    before = folder_bytes(folder)
+    with pytest.raises(experiment_module.ResumeMismatchError) as info:
+        with pl.ExperimentRun("exp", root=tmp_path, config=ScriptConfig(n_prompts=16, resume="r"), seed=1,
+                              run_id="r", resume=True):
+            raise AssertionError("refused runs do not open")
+    error = info.value
+    assert isinstance(error, ValueError)
+    assert error.differences == {"config.n_prompts": (8, 16), "seed": (0, 1)}  # not config.resume
+    message = str(error)
+    assert "config.n_prompts: 8 before, 16 now" in message and "seed: 0 before, 1 now" in message
+    assert "config.resume" not in message and "start a new run" in message
+    assert folder_bytes(folder) == before
+    with pytest.raises(experiment_module.ResumeMismatchError, match="config.resume: '' before, 'r' now"):
+        with pl.ExperimentRun("exp", root=tmp_path, config=ScriptConfig(resume="r"), seed=0, run_id="r",
+                              resume=True, ignore_on_resume=()):
+            pass
+    with pytest.raises(experiment_module.ResumeMismatchError, match=r"config.metric: 'logit_diff' before, <absent>"):
+        with pl.ExperimentRun("exp", root=tmp_path, config={"n_prompts": 8, "resume": ""}, seed=0, run_id="r",
+                              resume=True):
+            pass
+    assert folder_bytes(folder) == before
+    with pl.ExperimentRun("exp", root=tmp_path, config=ScriptConfig(resume="r"), seed=0, run_id="r",
+                          resume=True) as run:
+        assert run.load_dataset("sweep") is not None
+    assert json.loads((folder / "manifest.json").read_text())["status"] == "completed"
+
+
+@pytest.mark.parametrize("fact", ["model_sha256", "dataset_sha256", "model_id"])
+def test_resume_refuses_another_model_or_dataset_when_recorded(tmp_path, fact):
+    folder = failed_first_attempt(tmp_path, ScriptConfig())
+    before = folder_bytes(folder)
+    old = json.loads(before["manifest.json"])["facts"][fact]
+    with pytest.raises(experiment_module.ResumeMismatchError) as info:
+        with pl.ExperimentRun("exp", root=tmp_path, config=ScriptConfig(resume="r"), seed=0, run_id="r",
+                              resume=True) as run:
+            run.record(clean_mean=1.5)  # facts that are results may be recorded again
+            run.record(**{fact: "other"})
+    assert info.value.differences == {fact: (old, "other")}
+    assert f"{fact}: {old!r} before, 'other' now" in str(info.value)
+    after = folder_bytes(folder)
+    assert after.pop("log.txt").startswith(before.pop("log.txt"))  # the log only grows
+    assert after == before  # the manifest is the earlier attempt's again
+    with pl.ExperimentRun("exp", root=tmp_path, config=ScriptConfig(resume="r"), seed=0, run_id="r",
+                          resume=True) as run:
+        run.record(model_id="m", model_sha256="ab" * 32, dataset_sha256="cd" * 32, clean_mean=1.75)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["status"] == "completed" and manifest["facts"]["clean_mean"] == 1.75
+
+
+def test_resume_keeps_the_earlier_attempts_files_and_facts(tmp_path):
+    fig, ax = plt.subplots(figsize=(1, 1))
+    with pl.ExperimentRun("exp", root=tmp_path, config={"n": 1}, seed=0, run_id="f", command=["x"]) as run:
+        run.save_dataset(small_result(), "sweep")
+        run.save_figure(fig, "sweep")
+        run.record(clean_mean=1.5)
+    config_text = (run.path / "config.json").read_text()
+    with pl.ExperimentRun("exp", root=tmp_path, config={"n": 1}, seed=0, run_id="f", resume=True) as run:
+        assert run.load_dataset("sweep") is not None  # the figure is not drawn again
+    manifest = json.loads((run.path / "manifest.json").read_text())
+    assert manifest["files"] == {n: sha256(run.path / n) for n in ("sweep.nc", "sweep.png")}
+    assert manifest["facts"] == {"clean_mean": 1.5} and (run.path / "config.json").read_text() == config_text
+    assert [a["status"] for a in manifest["earlier_attempts"]] == ["completed"]
+
+
+def test_resume_of_a_folder_that_has_only_its_config(tmp_path):
+    """A run killed before it wrote any manifest (as patchlab did before manifests were written
+    at the start): its config.json is what the resume is checked against."""
+    folder = tmp_path / "exp" / "old"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"n": 1, "resume": ""}))
+    small_result().to_netcdf(folder / "sweep.nc", engine="netcdf4")
+    with pytest.raises(experiment_module.ResumeMismatchError, match="config.n: 1 before, 2 now"):
+        with pl.ExperimentRun("exp", root=tmp_path, config={"n": 2, "resume": "old"}, seed=0, run_id="old",
+                              resume=True):
+            pass
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "sweep.nc"]
+    with pl.ExperimentRun("exp", root=tmp_path, config={"n": 1, "resume": "old"}, seed=0, run_id="old",
+                          resume=True) as run:
+        assert run.load_dataset("sweep") is not None
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["status"] == "completed" and manifest["files"] == {"sweep.nc": sha256(folder / "sweep.nc")}
