@@ -19,6 +19,10 @@ values the program returns come back.
 - a URL string (``"https://api.ndif.us"``): that host;
 - a `Remote` value, to give the host, the API key and how long to wait.
 
+The API key is never shown: ``repr(Remote(...))`` prints ``api_key='***'``, experiment
+folders store ``"***"`` (the field is marked ``metadata={"secret": True}``), and error
+messages have the key replaced by ``***`` (a server that echoes it cannot leak it).
+
 Failures raise a `RemoteExecutionError` subclass whose message names the problem
 and the fix: `RemoteConnectionError` (host unreachable), `RemoteAuthError` (API key
 refused), `RemoteJobError` (the job failed on the server; carries the server's
@@ -29,7 +33,8 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+import traceback
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable
 
 import nnsight
@@ -40,21 +45,27 @@ __all__ = ["Remote", "execute", "resolve_remote", "model_key", "RemoteExecutionE
 nnsight.register("patchlab.kernels")  # kernels travel by value (as source) with every request
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Remote:
     """Where and how to run remotely.
 
     Attributes:
         host: server URL; None: nnsight's ``CONFIG.API.HOST`` (``NDIF_HOST``).
         api_key: NDIF API key; None: nnsight's ``CONFIG.API.APIKEY`` (``NDIF_API_KEY``).
+            A secret: repr and str show ``'***'``.
         timeout_s: how long to wait for one request's result, in seconds.
         simulate: run nnsight's in-process simulation instead of contacting a server.
     """
 
     host: str | None = None
-    api_key: str | None = None
+    api_key: str | None = field(default=None, metadata={"secret": True})
     timeout_s: float = 6 * 3600
     simulate: bool = False
+
+    def __repr__(self) -> str:
+        shown = ("***" if f.metadata.get("secret") and getattr(self, f.name) is not None else getattr(self, f.name)
+                 for f in fields(self))
+        return "Remote(" + ", ".join(f"{f.name}={v!r}" for f, v in zip(fields(self), shown)) + ")"
 
     @property
     def url(self) -> str:
@@ -145,6 +156,9 @@ def execute(model, program: Callable, *args: Any, remote: bool | str | Remote | 
         mapped = _map_error(error, config, backend)
         if mapped is None:
             raise
+        key = getattr(backend, "api_key", None)
+        if key and key in "".join(traceback.format_exception(error)):
+            raise mapped from None  # the chained errors would print the key
         raise mapped from error
     return result
 
@@ -163,21 +177,27 @@ def _map_error(error: Exception, config: Remote | None, backend) -> RemoteExecut
     from nnsight.intervention.backends.remote import RemoteError
 
     host, job_id = config.url, getattr(backend, "job_id", None)
+    text = _hide(error, getattr(backend, "api_key", None))
     if isinstance(error, RemoteError):
         status = getattr(getattr(error.__cause__, "response", None), "status_code", None)
         if status in (401, 403):
             return RemoteAuthError(
-                f"the NDIF host {host} refused the API key ({error}). Set a valid key with the NDIF_API_KEY "
+                f"the NDIF host {host} refused the API key ({text}). Set a valid key with the NDIF_API_KEY "
                 "environment variable, nnsight.CONFIG.set_default_api_key(...) or patchlab.Remote(api_key=...); "
                 "keys are issued at https://login.ndif.us", host=host)
         if error.__cause__ is not None and status is None:
             return RemoteConnectionError(
-                f"cannot reach the NDIF host {host} ({error}). Check the address (remote=URL, NDIF_HOST or "
+                f"cannot reach the NDIF host {host} ({text}). Check the address (remote=URL, NDIF_HOST or "
                 "nnsight.CONFIG.API.HOST) and that the service is up (nnsight.status())", host=host)
         if job_id is None:
-            return RemoteJobError(f"the NDIF host {host} rejected the request: {error}", host=host)
-        return RemoteJobError(f"the remote job {job_id} failed on {host}: {error}", host=host, job_id=job_id)
+            return RemoteJobError(f"the NDIF host {host} rejected the request: {text}", host=host)
+        return RemoteJobError(f"the remote job {job_id} failed on {host}: {text}", host=host, job_id=job_id)
     return None
+
+
+def _hide(message: Any, key: str | None) -> str:
+    """``str(message)`` with the API key `key` replaced by ``***``."""
+    return str(message).replace(key, "***") if key else str(message)
 
 
 def _remote_backend_class():
@@ -208,8 +228,9 @@ class _RemoteBackend(_remote_backend_class()):
                 header={"ndif-api-key": self.api_key} if self.api_key else None)
         except (OSError, websocket.WebSocketException) as error:
             raise RemoteConnectionError(
-                f"cannot reach the NDIF host {self.host} ({type(error).__name__}: {error}). Check the address "
-                "(remote=URL, NDIF_HOST or nnsight.CONFIG.API.HOST) and that the service is up (nnsight.status())",
+                f"cannot reach the NDIF host {self.host} ({type(error).__name__}: {_hide(error, self.api_key)}). "
+                "Check the address (remote=URL, NDIF_HOST or nnsight.CONFIG.API.HOST) and that the service is up "
+                "(nnsight.status())",
                 host=self.host) from None
         try:
             request.session_id = json.loads(connection.recv())["session_id"]
@@ -229,7 +250,8 @@ class _RemoteBackend(_remote_backend_class()):
                     continue
                 except (OSError, websocket.WebSocketConnectionClosedException) as error:
                     raise RemoteConnectionError(
-                        f"the connection to {self.host} closed before job {self.job_id} finished ({error}); "
+                        f"the connection to {self.host} closed before job {self.job_id} finished "
+                        f"({_hide(error, self.api_key)}); "
                         "run the step again", host=self.host, job_id=self.job_id) from None
                 response = self.parse(message)
                 result = self.handle(response)
