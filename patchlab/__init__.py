@@ -2,10 +2,10 @@
 
 Public API (see README.md for a tour):
 
-- models: `load_model`, `PatchModel`, `DEFAULT_MODEL`
+- models: `load_model`, `PatchModel`, `DEFAULT_MODEL`; errors `ModelNotFoundError`, `UnsupportedModelError`
 - addresses: `Component`, `Site`
 - data: `PromptPair`, `PromptPairDataset`, `ioi_dataset`
-- metrics: `Metric`, `Direction`
+- metrics: `Metric`, `Direction`; `BaselineGapError` (no clean-corrupted gap to normalise by)
 - activation patching: `patch_layer_pos`, `patch_heads`, `patch_components`
 - figures: `plot_layer_pos`, `plot_layer_head`, `plot_sweep`
 - edge and path patching: `patch_edges`, `patch_senders_into`, `path_patch_heads`, `Edge`, `Node`, `Graph`
@@ -15,12 +15,13 @@ Public API (see README.md for a tour):
 - a model with a known circuit: `load_induction_model`, `induction_dataset`, `known_circuit`
 - causal tracing: `Fact`, `FactDataset`, `builtin_facts`, `check_facts`, `causal_trace`,
   `plot_causal_trace`, `plot_causal_trace_summary`
-- experiment folders: `ExperimentRun`
+- experiment folders: `ExperimentRun`, `ResumeMismatchError`
 - remote execution on hosted models (NDIF): `Remote`, `RemoteExecutionError` and its
   subclasses `RemoteConnectionError`, `RemoteAuthError`, `RemoteJobError`, `RemoteTimeoutError`
 """
 
 from .acdc_search import acdc
+from .adapters import UnsupportedModelError
 from .agreement import agreement, roc_auc
 from .attribution import eap, eap_ig
 from .circuit import Circuit
@@ -30,15 +31,15 @@ from .data import DatasetError, PromptPair, PromptPairDataset
 from .embedded import DEFAULT_MODEL
 from .edges import patch_edges, patch_senders_into
 from .exact import exact_edge_scores
-from .experiment import ExperimentRun
+from .experiment import ExperimentRun, ResumeMismatchError
 from .facts import Fact, FactDataset, builtin_facts, check_facts
 from .faithfulness import evaluate_circuits, faithfulness_curve
 from .graph import Channel, Edge, Graph, Node, NodeKind
 from .induction import InductionConfig, induction_dataset, known_circuit, load_induction_model
 from .iterative_paths import iterative_path_patching
 from .ioi import ioi_dataset
-from .metrics import Direction, Metric
-from .models import PatchModel, load_model
+from .metrics import BaselineGapError, Direction, Metric
+from .models import ModelNotFoundError, PatchModel, load_model
 from .patching import patch_components, patch_heads, patch_layer_pos
 from .paths import path_patch_heads
 from .remote import (Remote, RemoteAuthError, RemoteConnectionError, RemoteExecutionError, RemoteJobError,
@@ -52,8 +53,8 @@ __version__ = "0.1.0"
 __all__ = [
     "Component", "Site",
     "DatasetError", "PromptPair", "PromptPairDataset", "ioi_dataset",
-    "DEFAULT_MODEL", "PatchModel", "load_model",
-    "Direction", "Metric",
+    "DEFAULT_MODEL", "PatchModel", "load_model", "ModelNotFoundError", "UnsupportedModelError",
+    "BaselineGapError", "Direction", "Metric",
     "patch_components", "patch_heads", "patch_layer_pos",
     "plot_layer_head", "plot_layer_pos", "plot_sweep",
     "Channel", "Edge", "Graph", "Node", "NodeKind",
@@ -64,7 +65,7 @@ __all__ = [
     "InductionConfig", "induction_dataset", "known_circuit", "load_induction_model",
     "Fact", "FactDataset", "builtin_facts", "check_facts", "causal_trace",
     "plot_causal_trace", "plot_causal_trace_summary",
-    "ExperimentRun",
+    "ExperimentRun", "ResumeMismatchError",
     "Remote", "RemoteExecutionError", "RemoteConnectionError", "RemoteAuthError", "RemoteJobError",
     "RemoteTimeoutError",
 ]

@@ -38,12 +38,13 @@ from .data import PromptPairDataset
 from .graph import Edge, Graph, Node, NodeKind
 from .graph_runner import edge_patch_rows, local_graph_cache
 from .metrics import Metric, get_metric
-from .models import PatchModel
+from .models import PatchModel, takes_model
 from .patching import tokenize_for
 
 __all__ = ["acdc"]
 
 
+@takes_model
 def acdc(model: PatchModel, dataset: PromptPairDataset, *, tau: float = 0.01, metric: Metric | str = Metric.KL,
          candidates: Iterable[Edge] | None = None, per_position: bool = False, abs_threshold: bool = False,
          seed: int | None = None,

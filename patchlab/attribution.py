@@ -36,14 +36,15 @@ from .circuit import edge_scores, score_attrs
 from .data import PromptPairDataset
 from .graph import Channel, Graph, NodeKind
 from .kernels import attribution as kattribution
-from .metrics import Direction, Metric, get_metric
-from .models import PatchModel
+from .metrics import Direction, Metric, check_gap, get_metric
+from .models import PatchModel, takes_model
 from .patching import tokenize_for
 from .remote import execute
 
 __all__ = ["eap", "eap_ig"]
 
 
+@takes_model
 def eap(model: PatchModel, dataset: PromptPairDataset, *, metric: Metric | str = Metric.LOGIT_DIFF,
         direction: Direction | str = Direction.NOISING, per_position: bool = False,
         seed: int | None = None, remote=None) -> xr.Dataset:
@@ -68,6 +69,7 @@ def eap(model: PatchModel, dataset: PromptPairDataset, *, metric: Metric | str =
                       per_position=per_position, seed=seed, remote=remote)
 
 
+@takes_model
 def eap_ig(model: PatchModel, dataset: PromptPairDataset, *, steps: int = 5, metric: Metric | str = Metric.LOGIT_DIFF,
            direction: Direction | str = Direction.NOISING, per_position: bool = False,
            seed: int | None = None, remote=None) -> xr.Dataset:
@@ -104,6 +106,7 @@ def _attribute(model, dataset, *, steps, method, metric, direction, per_position
             "clean_is_base": noising, "receivers": _program_order(graph),
             "reach": [len(graph.senders_into(node)) for node, _ in graph.receivers], "per_position": per_position}
     result = execute(model, kattribution.attribution_program, spec, remote=remote)
+    check_gap(result["runs"]["clean"], result["runs"]["corrupted"], metric)
     runs = SimpleNamespace(metric=metric, direction=direction,
                            baselines={name: value.cpu() for name, value in result["runs"].items()})
     attrs = score_attrs(model, dataset, runs, method=method, seed=seed, per_position=int(per_position),

@@ -18,14 +18,43 @@ Dimension vocabulary used across patchlab results:
 
 from __future__ import annotations
 
-import enum
+import operator
 from dataclasses import dataclass
 from typing import Iterable
 
-__all__ = ["Site", "Component", "Positions"]
+import numpy as np
+
+from ._choices import Choice
+
+__all__ = ["Site", "Component", "Positions", "as_index"]
 
 
-class Site(enum.Enum):
+def as_index(value, what: str) -> int:
+    """`value` as a Python ``int`` (a layer, head or position), refusing what ``int()`` would
+    silently truncate or reinterpret.
+
+    Accepts ints and integer scalars of numpy, torch and xarray (e.g. a value of a result's
+    ``layer`` coordinate).
+
+    Raises:
+        TypeError: a bool, a float (even 2.0), a string or anything else; the message names `what`.
+    """
+    if type(value) is int:
+        return value
+    dtype = getattr(value, "dtype", None)
+    if isinstance(value, (bool, np.bool_)) or str(dtype) in ("bool", "torch.bool"):
+        raise TypeError(f"{what} must be an integer, got the bool {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        pass
+    if dtype is not None and getattr(value, "ndim", None) == 0 and np.issubdtype(np.asarray(value).dtype, np.integer):
+        return int(np.asarray(value))
+    raise TypeError(f"{what} must be an integer, got {value!r} ({type(value).__name__}); "
+                    "patchlab does not round or truncate indices: pass an int")
+
+
+class Site(Choice):
     """Kind of activation. Members are listed in forward order within a layer."""
 
     RESID_PRE = "resid_pre"
@@ -76,8 +105,11 @@ class Component:
             for all positions. Stored as a sorted tuple (or None).
 
     Raises:
-        ValueError: a negative layer/head/position, a head on a non-head site, a
-            missing head on a head site, or an empty set of positions.
+        ValueError: an unknown site (the message lists the sites), a negative
+            layer/head/position, a head on a non-head site, a missing head on a head
+            site, or an empty set of positions.
+        TypeError: a layer, head or position that is not an integer (``1.5``, ``True``,
+            ``"S2"``): nothing is truncated.
     """
 
     site: Site
@@ -88,6 +120,8 @@ class Component:
     def __init__(self, *, site: Site | str, layer: int, head: int | None = None,
                  pos: int | Iterable[int] | None = None) -> None:
         site = Site(site)
+        layer = as_index(layer, "Component layer")
+        head = None if head is None else as_index(head, "Component head")
         if layer < 0:
             raise ValueError(f"layer must be >= 0, got {layer}")
         if site.per_head and head is None:
@@ -97,14 +131,18 @@ class Component:
         if head is not None and head < 0:
             raise ValueError(f"head must be >= 0, got {head}")
         if pos is not None:
-            pos = (int(pos),) if isinstance(pos, int) else tuple(sorted({int(p) for p in pos}))
+            if isinstance(pos, str) or (not isinstance(pos, Iterable) and not hasattr(pos, "__index__")):
+                raise TypeError(f"Component pos must be an int, an iterable of ints or None, got {pos!r}; a named "
+                                "position is a dataset's: look it up with dataset.tokenize(tokenizer).positions[name]")
+            pos = (as_index(pos, "Component pos"),) if not isinstance(pos, Iterable) else \
+                tuple(sorted({as_index(p, "Component pos") for p in pos}))
             if not pos:
                 raise ValueError("pos is an empty set; use None for all positions")
             if pos[0] < 0:
                 raise ValueError(f"positions must be >= 0 (count from the left), got {pos[0]}")
         object.__setattr__(self, "site", site)
-        object.__setattr__(self, "layer", int(layer))
-        object.__setattr__(self, "head", None if head is None else int(head))
+        object.__setattr__(self, "layer", layer)
+        object.__setattr__(self, "head", head)
         object.__setattr__(self, "pos", pos)
 
     @property

@@ -268,7 +268,8 @@ class PromptPairDataset:
             `TokenizedPairs` with ids ``[prompt, pos]`` and answer ids ``[prompt]``.
 
         Raises:
-            DatasetError: an answer that is not exactly one token; clean and
+            DatasetError: an answer that is not exactly one token; correct and
+                incorrect answers that tokenize to the same id; clean and
                 corrupted prompts of different token lengths; prompts of different
                 token lengths across the dataset; a prompt longer than
                 `max_length`; named positions outside a prompt or not identical
@@ -282,6 +283,12 @@ class PromptPairDataset:
         for i, pair in enumerate(self.pairs):
             correct_ids.append(_single_token(tokenizer, pair.correct, "correct", i, pair))
             incorrect_ids.append(_single_token(tokenizer, pair.incorrect, "incorrect", i, pair))
+            if correct_ids[-1] == incorrect_ids[-1]:
+                raise DatasetError(
+                    f"prompt {i} ({pair.clean!r}): the correct answer {pair.correct!r} and the incorrect answer "
+                    f"{pair.incorrect!r} are different texts but the same token (id {correct_ids[-1]}, "
+                    f"{_readable(tokenizer, [correct_ids[-1]])[0]!r}), so every logit difference would be 0; "
+                    "fix: use answers that this tokenizer keeps apart (check that neither is an unknown token)")
             clean = list(tokenizer(pair.clean)["input_ids"])
             corrupted = list(tokenizer(pair.corrupted)["input_ids"])
             if len(clean) != len(corrupted):

@@ -24,12 +24,13 @@ from .data import PromptPairDataset
 from .graph import Channel, Edge, Graph, Node
 from .graph_runner import edge_patch_rows
 from .metrics import Direction, Metric
-from .models import PatchModel
+from .models import PatchModel, takes_model
 from .patching import result_dataset, tokenize_for
 
 __all__ = ["patch_edges", "patch_senders_into"]
 
 
+@takes_model
 def patch_edges(model: PatchModel, dataset: PromptPairDataset, edge_sets: Sequence[Sequence[Edge]], *,
                 labels: Sequence[str] | None = None, metric: Metric | str = Metric.LOGIT_DIFF,
                 direction: Direction | str = Direction.NOISING, seed: int | None = None,
@@ -58,6 +59,7 @@ def patch_edges(model: PatchModel, dataset: PromptPairDataset, edge_sets: Sequen
     return result_dataset(model, dataset, tokens, base, values, ("edge_set",), {"edge_set": labels}, "edges", seed)
 
 
+@takes_model
 def patch_senders_into(model: PatchModel, dataset: PromptPairDataset, receiver: Node, channel: Channel | str,
                        *, metric: Metric | str = Metric.LOGIT_DIFF, direction: Direction | str = Direction.NOISING,
                        seed: int | None = None, progress: bool = True, memory_mb: float = 1024,

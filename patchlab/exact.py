@@ -22,12 +22,13 @@ from .data import PromptPairDataset
 from .graph import Edge, Graph
 from .graph_runner import edge_patch_rows, local_graph_cache
 from .metrics import Direction, Metric, get_metric
-from .models import PatchModel
+from .models import PatchModel, takes_model
 from .patching import tokenize_for
 
 __all__ = ["exact_edge_scores"]
 
 
+@takes_model
 def exact_edge_scores(model: PatchModel, dataset: PromptPairDataset, *, edges: Iterable[Edge] | None = None,
                       metric: Metric | str = Metric.LOGIT_DIFF, direction: Direction | str = Direction.NOISING,
                       per_position: bool = False, seed: int | None = None, block: int = 512,

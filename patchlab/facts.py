@@ -27,6 +27,7 @@ from ._io import atomic_write_text
 from .data import DatasetError, NamedPositions, _readable, read_jsonl
 from .kernels import patching as kpatching
 from .remote import execute
+from .models import takes_model
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -314,6 +315,7 @@ def builtin_facts() -> FactDataset:
     return FactDataset(tuple(Fact(*row) for row in _BUILTIN), name="builtin_facts")
 
 
+@takes_model
 def check_facts(model: PatchModel, dataset: FactDataset, *,
                 min_prob: float = 0.1, remote=None) -> tuple[FactDataset, xr.Dataset]:
     """Keep the facts the model answers correctly, and record how well it answers each.

@@ -28,21 +28,22 @@ from typing import Sequence
 import numpy as np
 import xarray as xr
 
+from ._choices import check_choice
 from .circuit import Circuit, graph_of, rank_edges
 from .data import PromptPairDataset
 from .graph import Edge, Graph, NodeKind
-from .graph_runner import edge_patch_rows
-from .metrics import Metric
-from .models import PatchModel
+from .graph_runner import ABLATIONS, edge_patch_rows
+from .metrics import Metric, check_gap
+from .models import PatchModel, takes_model
 from .patching import tokenize_for
 from .provenance import provenance_attrs
 
 __all__ = ["ABLATIONS", "LEVELS", "evaluate_circuits", "faithfulness_curve", "curve_sizes"]
 
-ABLATIONS = ("resample", "mean")
 LEVELS = ("edge", "node")
 
 
+@takes_model
 def evaluate_circuits(model: PatchModel, dataset: PromptPairDataset, circuits: Sequence[Circuit], *,
                       labels: Sequence[str] | None = None, ablation: str = "resample", level: str = "edge",
                       metric: Metric | str = Metric.LOGIT_DIFF, seed: int | None = None,
@@ -70,8 +71,8 @@ def evaluate_circuits(model: PatchModel, dataset: PromptPairDataset, circuits: S
         ValueError: an unknown ablation or level, circuits of another graph, or
             wrong number of labels.
     """
-    if ablation not in ABLATIONS or level not in LEVELS:
-        raise ValueError(f"ablation={ablation!r}, level={level!r}: use ablation in {ABLATIONS}, level in {LEVELS}")
+    check_choice(ablation, "ablation", ABLATIONS)
+    check_choice(level, "circuit level", LEVELS)
     circuits = list(circuits)
     labels = [str(len(c)) for c in circuits] if labels is None else [str(lab) for lab in labels]
     if len(labels) != len(circuits):
@@ -84,6 +85,7 @@ def evaluate_circuits(model: PatchModel, dataset: PromptPairDataset, circuits: S
                              memory_mb=memory_mb, progress=progress, remote=remote)
     values = result.values.double().numpy()
     full, empty, per_circuit = result.clean.double().numpy(), values[0], values[1:]
+    check_gap(result.clean, result.values[0], result.metric, names=("full model", "empty circuit"))
     faith = (per_circuit.mean(1) - empty.mean()) / (full.mean() - empty.mean())
     m = result.metric
     ds = xr.Dataset({
@@ -107,6 +109,7 @@ def curve_sizes(n_edges: int, n_points: int = 16) -> list[int]:
     return [0] + [int(s) for s in sizes]
 
 
+@takes_model
 def faithfulness_curve(model: PatchModel, dataset: PromptPairDataset, scores: xr.Dataset, *,
                        sizes: Sequence[int] | None = None, **kwargs) -> xr.Dataset:
     """Faithfulness of the top-k edges of `scores` (by ``|score|``) for each size k.

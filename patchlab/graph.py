@@ -22,18 +22,18 @@ labels that serve as xarray coordinates ("L2H3->L9H6.q", "embed->logits@4").
 from __future__ import annotations
 
 import dataclasses
-import enum
 import functools
 import re
 from dataclasses import dataclass
 from typing import Iterator
 
-from .components import Site
+from ._choices import Choice
+from .components import Site, as_index
 
 __all__ = ["NodeKind", "Channel", "Node", "Edge", "Graph"]
 
 
-class NodeKind(enum.Enum):
+class NodeKind(Choice):
     """Kind of graph node, in forward order within a layer."""
 
     EMBED = "embed"
@@ -48,7 +48,7 @@ class NodeKind(enum.Enum):
     """The unembedding of the final residual stream. Receiver only."""
 
 
-class Channel(enum.Enum):
+class Channel(Choice):
     """Input channel of a receiver."""
 
     Q = "q"
@@ -67,6 +67,8 @@ _NODE_LABEL = re.compile(r"L(\d+)(\.mlp|H|KV)(\d+)?")
 _EDGE_LABEL = re.compile(r"([^-]+)->([^.@]+(?:\.mlp)?)(?:\.([qkv]))?(?:@(\d+))?")
 _KIND_ORDER = {NodeKind.EMBED: 0, NodeKind.KV_HEAD: 1, NodeKind.HEAD: 2, NodeKind.MLP: 3, NodeKind.LOGITS: 4}
 _CHANNEL_ORDER = {Channel.Q: 0, Channel.K: 1, Channel.V: 2, Channel.IN: 3}
+_UNLAYERED = (NodeKind.EMBED, NodeKind.LOGITS)
+_HEADED = (NodeKind.HEAD, NodeKind.KV_HEAD)
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,21 @@ class Node:
     kind: NodeKind
     layer: int | None = None
     head: int | None = None
+
+    def __post_init__(self) -> None:  # kept cheap: graphs of big models build ~10^5 nodes
+        kind = self.kind if type(self.kind) is NodeKind else NodeKind(self.kind)
+        layered, headed = kind not in _UNLAYERED, kind in _HEADED
+        if layered != (self.layer is not None) or headed != (self.head is not None):
+            raise ValueError(f"a {kind.value} node has {'a' if layered else 'no'} layer and "
+                             f"{'a' if headed else 'no'} head, got layer={self.layer!r}, head={self.head!r}")
+        for name, value in (("layer", self.layer), ("head", self.head)):
+            if value is not None:
+                if type(value) is not int:
+                    value = as_index(value, f"Node {name}")
+                    object.__setattr__(self, name, value)
+                if value < 0:
+                    raise ValueError(f"Node {name} must be >= 0, got {value}")
+        object.__setattr__(self, "kind", kind)
 
     @property
     def sort_key(self) -> tuple:
@@ -129,6 +146,18 @@ class Edge:
     receiver: Node
     channel: Channel
     pos: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("sender", "receiver"):
+            if not isinstance(getattr(self, name), Node):
+                raise TypeError(f"Edge {name} must be a Node, got {getattr(self, name)!r}")
+        if type(self.channel) is not Channel:
+            object.__setattr__(self, "channel", Channel(self.channel))
+        if self.pos is not None:
+            pos = as_index(self.pos, "Edge pos")
+            if pos < 0:
+                raise ValueError(f"Edge pos must be >= 0 (count from the left), got {pos}")
+            object.__setattr__(self, "pos", pos)
 
     @property
     def sort_key(self) -> tuple:
@@ -201,8 +230,14 @@ class Graph:
 
     @classmethod
     def from_model(cls, model, *, n_pos: int | None = None) -> "Graph":
-        """The graph of a `patchlab.PatchModel`."""
-        lay = model.layout
+        """The graph of a `patchlab.PatchModel`.
+
+        Raises:
+            TypeError: `model` is not a `PatchModel` (e.g. a Hugging Face model: load it first).
+        """
+        from .models import check_patch_model
+
+        lay = check_patch_model(model).layout
         return cls(n_layers=lay.n_layers, n_heads=lay.n_heads, n_kv_heads=lay.n_kv_heads,
                    parallel_residual=not model.adapter.has_resid_mid(model.hf.config), n_pos=n_pos)
 

@@ -41,6 +41,7 @@ from typing import Sequence
 
 import torch
 
+from ._choices import check_choice
 from .components import Site
 from .data import TokenizedPairs
 from .graph import Channel, Edge, Graph, Node, NodeKind
@@ -50,9 +51,12 @@ from .metrics import Direction, Metric, get_metric
 from .models import PatchModel
 from .patching import pair_targets, run_pair
 from .remote import execute, resolve_remote
-from .runner import chunk_progress, chunk_rows, pass_specs, rows_per_chunk
+from .runner import checked_gap, chunk_progress, chunk_rows, gather_chunks, pass_specs, rows_per_chunk
 
-__all__ = ["graph_cache_sites", "edge_patch_rows", "local_graph_cache", "EdgeResult"]
+__all__ = ["ABLATIONS", "graph_cache_sites", "edge_patch_rows", "local_graph_cache", "EdgeResult"]
+
+ABLATIONS = ("resample", "mean")
+"""What a patched edge carries: the source run's values, or their mean over prompts."""
 
 
 def graph_cache_sites(model: PatchModel) -> set[tuple[Site, int]]:
@@ -101,7 +105,8 @@ def local_graph_cache(model: PatchModel, tokens: TokenizedPairs, remote=None) ->
 def edge_patch_rows(model: PatchModel, graph: Graph, *, tokens: TokenizedPairs, rows: Sequence[Sequence[Edge]],
                     metric: Metric | str, direction: Direction | str = Direction.NOISING,
                     ablation: str = "resample", acts: dict | None = None, memory_mb: float = 1024,
-                    progress: bool = True, remote=None) -> EdgeResult:
+                    progress: bool = True, remote=None,
+                    gap: tuple[str, str] | None = ("clean", "corrupted")) -> EdgeResult:
     """Metric of the base run with each row's edge set patched from the source run.
 
     Caching the clean and corrupted runs and every patched pass form one program
@@ -116,15 +121,20 @@ def edge_patch_rows(model: PatchModel, graph: Graph, *, tokens: TokenizedPairs, 
             per position; for Gemma's post-normed heads, the contribution of the mean head output).
         acts: `local_graph_cache` of these tokens, to skip caching the runs (local only).
         remote: see `patchlab.remote`; this costs 1 request.
+        gap: the runs whose metric gap must allow normalising (default the clean and corrupted
+            ones; None: no check); the program stops before the sweep if it does not.
 
     Returns:
         `EdgeResult`: ``values`` ``[row, prompt]`` and the clean and corrupted metric.
 
     Raises:
+        patchlab.metrics.BaselineGapError: see `gap`.
+        ValueError: an unknown `ablation` (the message lists them).
         ValueError: an edge that is not in `graph` (a sender that the receiver does not read,
             or a channel it does not have).
     """
     metric, direction = get_metric(metric), Direction(direction)
+    check_choice(ablation, "ablation", ABLATIONS)
     base, source = ("clean", "corrupted") if direction is Direction.NOISING else ("corrupted", "clean")
     base_ids = tokens.clean_ids if base == "clean" else tokens.corrupted_ids
     n_prompts, n_pos = base_ids.shape
@@ -135,17 +145,15 @@ def edge_patch_rows(model: PatchModel, graph: Graph, *, tokens: TokenizedPairs, 
     chunks = chunk_rows(starts, rows_per_chunk(model, n_prompts, n_pos, memory_mb), weights)
     targets = pair_targets(tokens)
     spec = {"arch": model.arch(), "runs": pass_specs([run_pair(tokens)], graph_cache_sites(model)), "base": base, "source": source,
-            "ablation": ablation, "base_ids": base_ids, "metric": metric.value, "kl_from": "clean",
+            "ablation": ablation, "base_ids": base_ids, "metric": metric.value, "kl_from": "clean", "gap": gap,
             "targets": {"correct": targets.correct, "incorrect": targets.incorrect},
             "chunks": [{"start": starts[chunk[0]], "n_rows": len(chunk),
                         "keys": _plan(model, graph, [rows[r] for r in chunk], [summaries[r][1] for r in chunk], n_pos)}
                        for chunk in chunks]}
     with chunk_progress(model, remote, len(chunks), "edge patching", progress) as update:
         out = execute(model, kedges.edge_program, spec, acts, update, remote=remote)
-    values = torch.empty(len(rows), n_prompts)
-    for chunk, v in zip(chunks, out["values"]):
-        values[chunk] = v.reshape(len(chunk), n_prompts).cpu()
-    return EdgeResult(values=values, metric=metric, direction=direction,
+    checked_gap(out["runs"], gap, metric)
+    return EdgeResult(values=gather_chunks(chunks, out["values"], n_prompts), metric=metric, direction=direction,
                       clean=out["runs"]["clean"].cpu(), corrupted=out["runs"]["corrupted"].cpu())
 
 

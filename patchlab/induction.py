@@ -37,6 +37,7 @@ from ._io import file_sha256
 from .data import DatasetError, PromptPair, PromptPairDataset
 from ._io import cache_root, remove_aside
 from .graph import Channel, Edge, Node, NodeKind
+from .models import takes_model
 
 __all__ = ["MIN_ACCURACY", "InductionConfig", "InductionError", "KnownCircuit", "head_pattern_scores",
            "induction_dataset", "induction_model_path", "induction_tokenizer", "known_circuit",
@@ -360,6 +361,7 @@ class KnownCircuit:
     """The `head_pattern_scores` the heads were read from."""
 
 
+@takes_model
 def known_circuit(model, *, threshold: float = 0.5, ids: torch.Tensor | None = None, seed: int = 0) -> KnownCircuit:
     """The ground-truth induction circuit of a model from `load_induction_model`.
 

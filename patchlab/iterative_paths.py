@@ -41,7 +41,7 @@ from .circuit import Circuit, edge_scores
 from .data import PromptPairDataset
 from .graph import Channel, Edge, Graph, Node, NodeKind
 from .metrics import Direction, Metric, get_metric, score_formula
-from .models import PatchModel
+from .models import PatchModel, takes_model
 from .paths import path_caches, path_patch_heads
 from .provenance import provenance_attrs
 from .remote import resolve_remote
@@ -52,6 +52,7 @@ _FORMAT = 1
 _LOGITS = Node(NodeKind.LOGITS)
 
 
+@takes_model
 def iterative_path_patching(model: PatchModel, dataset: PromptPairDataset, *, threshold: float = 0.1,
                             max_depth: int = 3, max_receivers_per_step: int | None = None,
                             channels: Iterable[str | Channel] = ("q", "k", "v"), metric: Metric | str = Metric.LOGIT_DIFF,
@@ -104,9 +105,9 @@ def iterative_path_patching(model: PatchModel, dataset: PromptPairDataset, *, th
         |clean_mean - corrupted_mean| gives the same edges.
 
     Raises:
-        ValueError: a bad threshold, depth, cap or channel; clean and corrupted
-            runs with the same metric (no gap to normalise by); a checkpoint made
-            with another model, dataset, metric, direction, freeze_mlps or channels.
+        ValueError: a bad threshold, depth, cap or channel; a checkpoint made with another
+            model, dataset, metric, direction, freeze_mlps or channels.
+        patchlab.metrics.BaselineGapError: clean and corrupted runs without a gap to normalise by.
     """
     metric, direction = get_metric(metric), Direction(direction)
     channels = tuple(dict.fromkeys(Channel(c) for c in channels))
@@ -172,8 +173,6 @@ def iterative_path_patching(model: PatchModel, dataset: PromptPairDataset, *, th
                 evaluated[edge] = (effect, normalised, depth)
                 if abs(normalised) >= threshold and edge.sender not in found:
                     new[edge.sender] = max(new.get(edge.sender, 0.0), abs(normalised))
-        if depth == 0:
-            _check_gap(cache["baselines"])
         found |= set(new)
         receivable = [n for n in new if n.layer > 0]  # no head sends to layer 0
         frontier = sorted(receivable, key=lambda n: (-new[n], n.sort_key))[:max_receivers_per_step]
@@ -209,13 +208,6 @@ def _layer(node: Node, n_layers: int) -> int:
 def _key(node: Node, channel: Channel) -> str:
     """A receiver channel's name in checkpoints: "logits", "L9H6.q", "L9KV2.k"."""
     return node.label if channel is Channel.IN else f"{node.label}.{channel.value}"
-
-
-def _check_gap(baselines: dict) -> None:
-    gap = baselines["clean"] - baselines["corrupted"]
-    if not math.isfinite(gap) or gap == 0:
-        raise ValueError(f"clean ({baselines['clean']}) and corrupted ({baselines['corrupted']}) metrics give no "
-                         "gap to normalise by: pick a corruption that changes the behaviour")
 
 
 def _load(checkpoint: str | os.PathLike | None, config: dict) -> dict:

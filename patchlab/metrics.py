@@ -17,21 +17,26 @@ on means over prompts:
   destroyed, so in both directions a large score marks an important component::
 
       score = (m_clean - m_patched) / (m_clean - m_corrupted)
+
+Before any sweep, patchlab checks that the gap ``m_clean - m_corrupted`` can be divided by
+(`check_gap`): a zero, tiny or cancelling gap raises `BaselineGapError` instead of writing
+NaN, infinite or noise scores.
 """
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 
 import torch
 
+from ._choices import Choice
 from .kernels import common as K
 
-__all__ = ["Metric", "Targets", "Direction", "get_metric", "score_formula", "normalised_score"]
+__all__ = ["Metric", "Targets", "Direction", "get_metric", "score_formula", "normalised_score", "BaselineGapError",
+           "check_gap"]
 
 
-class Direction(enum.Enum):
+class Direction(Choice):
     """Which run is patched into which."""
 
     DENOISING = "denoising"
@@ -61,7 +66,7 @@ class Targets:
         return Targets(correct=self.correct.repeat(n), incorrect=self.incorrect.repeat(n), clean_logprobs=lp)
 
 
-class Metric(enum.Enum):
+class Metric(Choice):
     """A metric of the final position's logits. Call it: ``Metric.LOGIT_DIFF(logits, targets)``."""
 
     LOGIT_DIFF = "logit_diff"
@@ -91,11 +96,7 @@ def get_metric(metric: "Metric | str") -> Metric:
     Raises:
         ValueError: unknown name; the message lists the known ones.
     """
-    try:
-        return Metric(metric)
-    except ValueError:
-        names = ", ".join(repr(m.value) for m in Metric)
-        raise ValueError(f"unknown metric {metric!r}; choose one of {names}") from None
+    return Metric(metric)
 
 
 def score_formula(direction: Direction) -> str:
@@ -109,3 +110,39 @@ def normalised_score(patched, clean, corrupted, direction: Direction):
     """Normalised score from prompt-mean metric values (works on tensors, numpy and xarray)."""
     gap = clean - corrupted
     return (patched - corrupted) / gap if direction is Direction.DENOISING else (clean - patched) / gap
+
+
+class BaselineGapError(ValueError):
+    """The clean and corrupted runs (or the full model and the empty circuit) give nearly the
+    same mean metric, so scores normalised by their gap would be NaN, infinite or noise."""
+
+
+def check_gap(clean: torch.Tensor, corrupted: torch.Tensor, metric: Metric,
+              names: tuple[str, str] = ("clean", "corrupted")) -> None:
+    """Refuse two runs whose metrics (``[prompt]`` each) leave no gap to normalise by: a mean
+    gap below `patchlab.kernels.common.MIN_GAP` (1e-6 metric units), or below
+    `~patchlab.kernels.common.MIN_GAP_FRACTION` (1%) of the mean per-prompt gap (pairs whose
+    gaps cancel). Kernel programs apply the same rule (`~patchlab.kernels.common.gap_too_small`)
+    and stop before their sweep.
+
+    Raises:
+        BaselineGapError: the message gives both means, the per-prompt gaps and the fix.
+    """
+    if not K.gap_too_small(clean, corrupted):
+        return
+    a, b = clean.double().cpu(), corrupted.double().cpu()
+    d = a - b
+    spread = f"per-prompt gaps from {float(d.min()):+.4g} to {float(d.max()):+.4g}"
+    if float(d.abs().max()) < K.MIN_GAP:
+        why = "identical runs"
+    elif float(d.abs().mean()) >= K.MIN_GAP:
+        why = f"the prompts' gaps cancel: {spread}"
+    else:
+        why = "almost identical runs"
+    raise BaselineGapError(
+        f"the {names[0]} and {names[1]} runs give mean {metric.value} {float(a.mean()):+.6g} and "
+        f"{float(b.mean()):+.6g} {metric.units}: a gap of {float(d.mean()):+.3g} ({why}), too small to normalise "
+        f"patching scores by (at least {K.MIN_GAP:g} {metric.units} and {K.MIN_GAP_FRACTION:.0%} of the mean "
+        "per-prompt |gap| are needed). Fix: make the corrupted prompts change what the task needs (they may equal "
+        "the clean ones), check that the correct and incorrect answers differ for this tokenizer, or split pairs "
+        "whose effects point opposite ways into separate datasets")

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -30,15 +30,16 @@ import xarray as xr
 from .components import Component, Site
 from .data import PromptPairDataset, TokenizedPairs
 from .metrics import Direction, Metric, Targets, get_metric, normalised_score, score_formula
-from .models import PatchModel
+from .models import PatchModel, takes_model
 from .provenance import provenance_attrs
-from .runner import CachePass, patch_rows
+from .runner import CachePass, check_range, patch_rows
 
 __all__ = ["patch_components", "patch_layer_pos", "patch_heads"]
 
 _RESID_SITES = (Site.RESID_PRE, Site.RESID_MID, Site.RESID_POST, Site.ATTN_OUT, Site.MLP_OUT)
 
 
+@takes_model
 def patch_layer_pos(model: PatchModel, dataset: PromptPairDataset, *, site: Site | str = Site.RESID_PRE,
                     layers: Iterable[int] | None = None, positions: Iterable[int] | None = None,
                     metric: Metric | str = Metric.LOGIT_DIFF, direction: Direction | str = Direction.DENOISING,
@@ -71,8 +72,7 @@ def patch_layer_pos(model: PatchModel, dataset: PromptPairDataset, *, site: Site
         raise ValueError(f"patch_layer_pos takes one of {[s.value for s in _RESID_SITES]}; "
                          f"for {site.value!r} use patch_heads")
     tokens = tokenize_for(model, dataset)
-    layers = _check_range("layer", layers, model.layout.n_layers)
-    positions = _check_range("pos", positions, tokens.n_pos)
+    layers, positions = _layers(model, layers), _positions(tokens, positions)
     grid = [Component(site=site, layer=layer, pos=p) for layer in layers for p in positions]
     values, base = _run(model, tokens, grid, metric, direction, progress, memory_mb, remote)
     patched = values.reshape(len(layers), len(positions), -1)
@@ -80,6 +80,7 @@ def patch_layer_pos(model: PatchModel, dataset: PromptPairDataset, *, site: Site
                     {"layer": layers, "pos": positions}, site.value, seed)
 
 
+@takes_model
 def patch_heads(model: PatchModel, dataset: PromptPairDataset, *, site: Site | str = Site.HEAD,
                 per_position: bool = False, layers: Iterable[int] | None = None,
                 metric: Metric | str = Metric.LOGIT_DIFF, direction: Direction | str = Direction.DENOISING,
@@ -105,7 +106,7 @@ def patch_heads(model: PatchModel, dataset: PromptPairDataset, *, site: Site | s
     if not site.per_head:
         raise ValueError(f"patch_heads takes 'head', 'q', 'k' or 'v', got {site.value!r}; use patch_layer_pos")
     tokens = tokenize_for(model, dataset)
-    layers = _check_range("layer", layers, model.layout.n_layers)
+    layers = _layers(model, layers)
     heads = list(range(model.layout.n_heads_at(site)))
     positions = list(range(tokens.n_pos)) if per_position else [None]
     grid = [Component(site=site, layer=layer, head=h, pos=p)
@@ -121,23 +122,23 @@ def patch_heads(model: PatchModel, dataset: PromptPairDataset, *, site: Site | s
                     head_kind=head_kind, positions="each" if per_position else "all")
 
 
+@takes_model
 def patch_components(model: PatchModel, dataset: PromptPairDataset, components: Sequence[Component], *,
                      metric: Metric | str = Metric.LOGIT_DIFF, direction: Direction | str = Direction.DENOISING,
                      seed: int | None = None, progress: bool = True, memory_mb: float = 1024,
                     remote=None) -> xr.Dataset:
-    """Patch each of an arbitrary list of components, one per row.
+    """Patch each of an arbitrary list of components, one per row (not jointly).
+
+    Args:
+        components: a list or tuple of `Component` values; each is patched on its own.
 
     Returns:
         Dataset with ``patched`` (component, prompt), ``score`` (component),
         ``clean`` (prompt), ``corrupted`` (prompt); ``component`` coords are labels
         such as "L9H6" with ``layer`` and ``site`` as extra coords.
     """
-    components = list(components)
-    if not components:
-        raise ValueError("components is empty; give at least one Component")
+    components = _component_list(components)
     tokens = tokenize_for(model, dataset)
-    for c in components:
-        _check_component(model, tokens, c)
     values, base = _run(model, tokens, components, metric, direction, progress, memory_mb, remote)
     ds = result_dataset(model, dataset, tokens, base, values, ("component",),
                   {"component": [c.label for c in components]}, "mixed", seed)
@@ -154,35 +155,59 @@ def tokenize_for(model: PatchModel, dataset: PromptPairDataset) -> TokenizedPair
     return dataset.tokenize(model.tokenizer, max_length=model.layout.n_ctx)
 
 
-def _check_range(dim: str, values: Iterable[int] | None, size: int) -> list[int]:
-    values = list(range(size)) if values is None else [int(v) for v in values]
-    bad = [v for v in values if not 0 <= v < size]
-    if bad or not values:
-        raise ValueError(f"{dim} values {bad or values} out of range: the model/dataset has {size} ({dim} 0..{size - 1})")
-    return values
+def _component_list(components) -> list[Component]:
+    """`components` as a list, refusing what is not an ordered collection of `Component` values."""
+    if isinstance(components, Component):
+        raise TypeError(f"components must be a list of Components, got the single {components!r}: "
+                        f"pass [{components!r}]")
+    if isinstance(components, (set, frozenset, Mapping)) or not isinstance(components, Iterable):
+        raise TypeError(f"components must be a list or tuple of Components (one row each, in the order "
+                        f"given), got a {type(components).__name__}; for a set, pass sorted(components)")
+    components = list(components)
+    if not components:
+        raise ValueError("components is empty; give at least one Component")
+    for i, c in enumerate(components):
+        if not isinstance(c, Component):
+            raise TypeError(
+                f"components[{i}] is a {type(c).__name__} ({c!r}), not a Component. patch_components patches "
+                "each component on its own, one result row each; a nested list would mean patching several "
+                "components jointly in one row, which patch_components does not do: flatten the list")
+    return components
 
 
-def _check_component(model: PatchModel, tokens: TokenizedPairs, c: Component) -> None:
-    _check_range("layer", [c.layer], model.layout.n_layers)
-    if c.head is not None:
-        _check_range(f"head for {c.site.value}", [c.head], model.layout.n_heads_at(c.site))
-    if c.pos is not None:
-        _check_range("pos", c.pos, tokens.n_pos)
-    if c.site is Site.RESID_MID and not model.adapter.has_resid_mid(model.hf.config):
-        raise ValueError(f"{model.adapter.family} uses a parallel residual: resid_mid does not exist; "
-                         "patch attn_out or mlp_out instead")
+def _layers(model: PatchModel, layers) -> list[int]:
+    return check_range("layer", _listed(layers), model.layout.n_layers)
+
+
+def _positions(tokens: TokenizedPairs, positions) -> list[int]:
+    """Token indices from ints and the dataset's position names ("S2")."""
+    values = _listed(positions)
+    if values is not None:
+        unknown = [v for v in values if isinstance(v, str) and v not in tokens.positions]
+        if unknown:
+            raise ValueError(f"positions {unknown} are not named positions of this dataset; its names are "
+                             f"{dict(tokens.positions)} (or give token indices 0..{tokens.n_pos - 1})")
+        values = [tokens.positions[v] if isinstance(v, str) else v for v in values]
+    return check_range("pos", values, tokens.n_pos)
+
+
+def _listed(values) -> list | None:
+    """None, or the values as a list (a single int or name stands for a list of one)."""
+    if values is None:
+        return None
+    if isinstance(values, (str, int, np.integer)) or getattr(values, "ndim", None) == 0:
+        return [values]
+    return list(values)
 
 
 def _run(model: PatchModel, tokens: TokenizedPairs, grid: list[Component], metric, direction,
          progress: bool, memory_mb: float, remote=None):
-    for c in {(c.site, c.layer): c for c in grid}.values():
-        _check_component(model, tokens, c)
     metric, direction = get_metric(metric), Direction(direction)
     base, source = ("corrupted", "clean") if direction is Direction.DENOISING else ("clean", "corrupted")
     result = patch_rows(model, passes=[run_pair(tokens)], base=base, source=source,
                         base_ids=tokens.corrupted_ids if base == "corrupted" else tokens.clean_ids,
                         rows=[(c,) for c in grid], metric=metric, targets=pair_targets(tokens),
-                        memory_mb=memory_mb, progress=progress, remote=remote)
+                        memory_mb=memory_mb, progress=progress, remote=remote, gap=("clean", "corrupted"))
     return result.values, {"metric": metric, "direction": direction, **result.runs}
 
 

@@ -33,7 +33,8 @@ from .kernels import paths as kpaths
 from .metrics import Metric, Targets
 from .models import PatchModel
 from .remote import execute
-from .runner import CachePass, PatchResult, chunk_progress, chunk_rows, pass_specs, rows_per_chunk
+from .runner import (CachePass, PatchResult, checked_gap, chunk_progress, chunk_rows, gather_chunks, pass_specs,
+                     rows_per_chunk)
 
 __all__ = ["path_cache_sites", "cache_path_runs", "path_patch_rows"]
 
@@ -55,7 +56,7 @@ def path_patch_rows(model: PatchModel, *, passes: Sequence[CachePass], base: str
                     receiver_sets: Sequence[Sequence[tuple[Node, Channel]]], metric: Metric, targets: Targets,
                     kl_from: str = "clean", hops: Sequence[Sequence[tuple[Node, Channel]]] = (),
                     freeze_mlps: bool = False, memory_mb: float = 1024, progress: bool = True,
-                    acts: dict | None = None, remote=None) -> PatchResult:
+                    acts: dict | None = None, remote=None, gap: tuple[str, str] | None = None) -> PatchResult:
     """Metric of the base run after path patching each row's senders into each receiver set.
 
     Pass 1 does not depend on the receivers, so it runs once per chunk of rows and
@@ -80,13 +81,16 @@ def path_patch_rows(model: PatchModel, *, passes: Sequence[CachePass], base: str
         acts: the runs' caches from `cache_path_runs` (local runs that share runs);
             None: computed inside the program.
         remote: see `patchlab.remote`; this costs 1 request (caches, passes and metric together).
+        gap: two runs whose metric gap the caller normalises by; the program stops before the
+            sweep if it is too small.
 
     Returns:
         `PatchResult`: ``values`` ``[set, row, prompt]`` and each run's metric ``runs[name]`` ``[prompt]``.
 
     Raises:
-        ValueError: a sender that is not a head or MLP, or a receiver that does not
-            come after every sender.
+        ValueError: a sender that is not a head or MLP, a node the model does not have, or a
+            receiver that does not come after every sender.
+        patchlab.metrics.BaselineGapError: see `gap`.
     """
     receiver_sets = [list(dict.fromkeys(rs)) for rs in receiver_sets]
     stages = [list(dict.fromkeys(h)) for h in hops] + [list(dict.fromkeys(r for rs in receiver_sets for r in rs))]
@@ -96,7 +100,7 @@ def path_patch_rows(model: PatchModel, *, passes: Sequence[CachePass], base: str
     starts = [min((s.layer for s in row), default=first_receiver) for row in rows]
     chunks = chunk_rows(starts, rows_per_chunk(model, n_prompts, n_pos, memory_mb))
     spec = {"arch": model.arch(), "runs": pass_specs(passes, path_cache_sites(model)), "base": base, "source": source,
-            "base_ids": base_ids, "metric": metric.value, "kl_from": kl_from, "freeze_mlps": freeze_mlps,
+            "base_ids": base_ids, "metric": metric.value, "kl_from": kl_from, "freeze_mlps": freeze_mlps, "gap": gap,
             "targets": {"correct": targets.correct, "incorrect": targets.incorrect},
             "stages": _stages(model, stages),
             "receiver_sets": [{"receivers": _receivers(model, rs), "start": min(_layer(model, n) for n, _ in rs)}
@@ -105,14 +109,21 @@ def path_patch_rows(model: PatchModel, *, passes: Sequence[CachePass], base: str
                         **_sender_masks(model, [rows[r] for r in chunk], n_prompts)} for chunk in chunks]}
     with chunk_progress(model, remote, len(chunks), "path patching", progress) as update:
         out = execute(model, kpaths.path_program, spec, update, acts, remote=remote)
-    values = torch.empty(len(receiver_sets), len(rows), n_prompts)
-    for chunk, v in zip(chunks, out["values"]):
-        values[:, chunk] = v.reshape(len(receiver_sets), len(chunk), n_prompts).cpu()
-    return PatchResult(values=values, runs={k: v.cpu() for k, v in out["runs"].items()})
+    checked_gap(out["runs"], gap, metric)
+    return PatchResult(values=gather_chunks(chunks, out["values"], n_prompts, lead=len(receiver_sets)),
+                       runs={k: v.cpu() for k, v in out["runs"].items()})
 
 
 def _check(model: PatchModel, rows, stages) -> None:
-    """Refuse senders that are not heads or MLPs, and stages that do not come after the previous one."""
+    """Refuse nodes the model does not have, senders that are not heads or MLPs, and stages that
+    do not come after the previous one."""
+    lay = model.layout
+    heads = {NodeKind.HEAD: lay.n_heads, NodeKind.KV_HEAD: lay.n_kv_heads}
+    for node in {n for row in rows for n in row} | {n for stage in stages for n, _ in stage}:
+        if node.layer is not None and node.layer >= lay.n_layers or node.head is not None and \
+                node.head >= heads[node.kind]:
+            raise ValueError(f"{node.label} is not a node of this model: it has layers 0..{lay.n_layers - 1}, "
+                             f"{lay.n_heads} heads and {lay.n_kv_heads} key/value heads per layer")
     for before, after in zip(stages, stages[1:]):
         if any(c.site is None for _, c in before) or \
                 max(n.layer for n, _ in before) >= min(_layer(model, n) for n, _ in after):

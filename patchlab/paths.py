@@ -23,7 +23,7 @@ import xarray as xr
 from .data import PromptPairDataset
 from .graph import Channel, Node, NodeKind
 from .metrics import Direction, Metric, get_metric
-from .models import PatchModel
+from .models import PatchModel, takes_model
 from .patching import pair_targets, result_dataset, run_pair, tokenize_for
 from .path_runner import cache_path_runs, path_patch_rows
 
@@ -37,6 +37,7 @@ def path_caches(model: PatchModel, dataset: PromptPairDataset) -> dict:
     return cache_path_runs(model, [run_pair(tokenize_for(model, dataset))])
 
 
+@takes_model
 def path_patch_heads(model: PatchModel, dataset: PromptPairDataset, *,
                      receivers: str | Sequence[Node] = "logits", channels: Iterable[str | Channel] = ("q", "k", "v"),
                      via: Sequence[tuple[Node, str | Channel]] = (), freeze_mlps: bool = False, metric: Metric | str = Metric.LOGIT_DIFF,
@@ -99,12 +100,13 @@ def path_patch_heads(model: PatchModel, dataset: PromptPairDataset, *,
     tokens = tokenize_for(model, dataset)
     metric, direction = get_metric(metric), Direction(direction)
     base, source = ("corrupted", "clean") if direction is Direction.DENOISING else ("clean", "corrupted")
-    grid = torch.full((len(sets), lay.n_layers, lay.n_heads, tokens.n_prompts), float("nan"))
+    grid = torch.full((len(sets), lay.n_layers, lay.n_heads, tokens.n_prompts), float("nan"), dtype=torch.float64)
     result = path_patch_rows(model, passes=[run_pair(tokens)], base=base, source=source,
                              base_ids=tokens.corrupted_ids if base == "corrupted" else tokens.clean_ids,
                              rows=[(s,) for s in senders], receiver_sets=list(sets.values()), metric=metric,
                              targets=pair_targets(tokens), hops=[via] if via else [], freeze_mlps=freeze_mlps,
-                             memory_mb=memory_mb, progress=progress, acts=caches, remote=remote)
+                             memory_mb=memory_mb, progress=progress, acts=caches, remote=remote,
+                             gap=("clean", "corrupted"))
     grid[:, :first] = result.values.reshape(len(sets), first, lay.n_heads, -1)
     dims, coords = ("layer", "head"), {"layer": list(range(lay.n_layers)), "head": list(range(lay.n_heads))}
     patched = grid if channel_dim else grid[0]
@@ -113,4 +115,5 @@ def path_patch_heads(model: PatchModel, dataset: PromptPairDataset, *,
     baselines = {"metric": metric, "direction": direction, **result.runs}
     return result_dataset(model, dataset, tokens, baselines, patched, dims, coords, "path", seed,
                           receivers=labels, via=",".join(f"{n.label}.{c.value}" for n, c in via),
-                          freeze_mlps=int(freeze_mlps), method="path patching (Wang et al. 2022)")
+                          freeze_mlps=int(freeze_mlps), method="path patching (Wang et al. 2022)",
+                          nan_values="senders at or after the first receiver's layer: no path to patch")

@@ -223,6 +223,23 @@ def _plot_layer_head_per_pos(ds: xr.Dataset, var: str, *, title: str | None) -> 
     return fig
 
 
+def _check_drawable(ds: xr.Dataset, var: str) -> None:
+    """Refuse values that only a broken normalisation makes: infinities, and NaN scores where the
+    patched metric is finite (NaN where nothing was patched, e.g. heads after a path's
+    receivers, stays blank)."""
+    values = ds[var].values
+    if np.isinf(values).any():
+        raise ValueError(f"{var} has infinite values: the clean and corrupted means are (almost) equal, so "
+                         "normalised scores divide by ~0; recompute it with this patchlab (which refuses such "
+                         "datasets with BaselineGapError) on prompts whose corruption changes the behaviour")
+    if var == "score" and "patched" in ds.data_vars:
+        patched = ds["patched"].mean("prompt") if "prompt" in ds["patched"].dims else ds["patched"]
+        if (np.isnan(values) & np.isfinite(patched.values)).any():
+            raise ValueError("score is NaN where the patched metric is finite: the clean and corrupted means are "
+                             "equal, so there is no gap to normalise by; plot var='patched' or recompute on "
+                             "prompts whose corruption changes the behaviour")
+
+
 def plot_sweep(ds: xr.Dataset, var: str = "score", **kw) -> Figure:
     """Pick the plot for the dims of ``ds[var]`` (ignoring ``prompt``, which is averaged).
 
@@ -236,11 +253,13 @@ def plot_sweep(ds: xr.Dataset, var: str = "score", **kw) -> Figure:
     Keyword arguments (``title``, ``ax``) are passed on.
 
     Raises:
-        KeyError: ``var`` is missing. ValueError: other dims, or ``ax`` with
-            the per-position layout.
+        KeyError: ``var`` is missing. ValueError: other dims, ``ax`` with the
+            per-position layout, or values a zero clean-corrupted gap made (infinite
+            values; NaN scores where the patched metric is finite).
     """
     if var not in ds.data_vars:
         raise KeyError(f"no data variable {var!r}; have {sorted(map(str, ds.data_vars))}")
+    _check_drawable(ds, var)
     dims = set(ds[var].dims) - {"prompt"}
     if dims == {"layer", "pos"}:
         return plot_layer_pos(ds, var, **kw)

@@ -17,6 +17,7 @@ entering ``L``), and only the final position's logits are computed
 from __future__ import annotations
 
 import math
+import numbers
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -25,13 +26,14 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .components import Component, Site
+from .components import Component, Site, as_index
 from .kernels import patching as kpatching
-from .metrics import Metric, Targets
+from .metrics import Metric, Targets, check_gap
 from .models import PatchModel
 from .remote import execute, resolve_remote
 
-__all__ = ["CachePass", "PatchResult", "patch_rows", "rows_per_chunk", "chunk_rows", "chunk_progress", "pass_specs"]
+__all__ = ["CachePass", "PatchResult", "patch_rows", "rows_per_chunk", "chunk_rows", "chunk_progress", "pass_specs",
+           "gather_chunks", "check_range", "check_components", "checked_gap"]
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,7 @@ class PatchResult:
 def patch_rows(model: PatchModel, *, passes: Sequence[CachePass], base: str, source: str, base_ids: torch.Tensor,
                rows: Sequence[tuple[Component, ...]], metric: Metric, targets: Targets, kl_from: str = "clean",
                base_embeds: bool = False, max_rows: int | None = None, memory_mb: float = 1024,
-               progress: bool = True, remote=None) -> PatchResult:
+               progress: bool = True, remote=None, gap: tuple[str, str] | None = None) -> PatchResult:
     """Metric of the base run with each row's components patched from the source run.
 
     Caching the runs and every patched pass form one program (`patchlab.kernels.patching`):
@@ -79,27 +81,73 @@ def patch_rows(model: PatchModel, *, passes: Sequence[CachePass], base: str, sou
         base_embeds: the base run starts from its cached block-0 input (e.g. noised
             embeddings), not from its tokens' embeddings.
         remote: see `patchlab.remote` (None: the model's default).
+        gap: two runs whose metric gap the caller normalises by (e.g. ``("clean", "corrupted")``);
+            the program stops before its sweep if it is too small (`patchlab.metrics.check_gap`).
 
     Returns:
         `PatchResult`: ``values`` ``[row, prompt]`` and each run's metric.
+
+    Raises:
+        ValueError: a component the model or the prompts do not have, or a bad `memory_mb`.
+        patchlab.metrics.BaselineGapError: see `gap`.
     """
     n_prompts, n_pos = base_ids.shape
+    check_components(model, dict.fromkeys(c for row in rows for c in row), n_pos)
     limit = max_rows or rows_per_chunk(model, n_prompts, n_pos, memory_mb)
     starts = [_start_layer(model, row) for row in rows]
     chunks = chunk_rows(starts, limit)
     sites = {(Site.RESID_PRE, layer) for layer in set(starts) | {0}} | {(c.site, c.layer) for row in rows for c in row}
     spec = {"arch": model.arch(), "base": base, "source": source, "base_ids": base_ids,
-            "base_embeds": base_embeds, "metric": metric.value, "kl_from": kl_from,
+            "base_embeds": base_embeds, "metric": metric.value, "kl_from": kl_from, "gap": gap,
             "targets": {"correct": targets.correct, "incorrect": targets.incorrect},
             "runs": pass_specs(passes, sites),
             "chunks": [{"start": starts[chunk[0]], "n_rows": len(chunk),
                         "writes": _plan_writes(model, [rows[r] for r in chunk], n_prompts, n_pos)} for chunk in chunks]}
     with chunk_progress(model, remote, len(chunks), "patching", progress) as update:
         out = execute(model, kpatching.patch_program, spec, update, remote=remote)
-    values = torch.empty(len(rows), n_prompts)
-    for chunk, v in zip(chunks, out["values"]):
-        values[chunk] = v.reshape(len(chunk), n_prompts).cpu()
-    return PatchResult(values=values, runs={k: v.cpu() for k, v in out["runs"].items()})
+    checked_gap(out["runs"], gap, metric)
+    return PatchResult(values=gather_chunks(chunks, out["values"], n_prompts),
+                       runs={k: v.cpu() for k, v in out["runs"].items()})
+
+
+def checked_gap(runs: dict, gap: tuple[str, str] | None, metric: Metric) -> None:
+    """`patchlab.metrics.check_gap` on the runs `gap` names, if any (after a program that may
+    have stopped for it)."""
+    if gap is not None:
+        check_gap(runs[gap[0]], runs[gap[1]], metric, names=gap)
+
+
+def check_range(dim: str, values: Sequence | None, size: int) -> list[int]:
+    """`values` (None: all of ``0..size-1``) as ints in ``0..size-1``.
+
+    Raises:
+        TypeError: a value that is not an integer (see `patchlab.components.as_index`).
+        ValueError: a value out of range, or no values.
+    """
+    values = list(range(size)) if values is None else [as_index(v, dim) for v in values]
+    bad = [v for v in values if not 0 <= v < size]
+    if bad or not values:
+        raise ValueError(f"{dim} values {bad or values} out of range: the model/dataset has {size} "
+                         f"({dim} 0..{size - 1})")
+    return values
+
+
+def check_components(model: PatchModel, components, n_pos: int) -> None:
+    """Refuse components the model or the prompts do not have.
+
+    Raises:
+        ValueError: a layer, head or position out of range (the message gives the range), or
+            ``resid_mid`` on a parallel-residual model.
+    """
+    for c in components:
+        check_range(f"layer of {c.label}", [c.layer], model.layout.n_layers)
+        if c.head is not None:
+            check_range(f"head of {c.label} ({c.site.value})", [c.head], model.layout.n_heads_at(c.site))
+        if c.pos is not None:
+            check_range(f"pos of {c.label}", c.pos, n_pos)
+        if c.site is Site.RESID_MID and not model.adapter.has_resid_mid(model.hf.config):
+            raise ValueError(f"{model.adapter.family} uses a parallel residual: resid_mid does not exist; "
+                             "patch attn_out or mlp_out instead")
 
 
 @contextmanager
@@ -120,6 +168,21 @@ def pass_specs(passes: Sequence[CachePass], sites) -> list[dict]:
     return [{"names": p.names, "ids": p.ids, "sites": values, "noise": p.noise} for p in passes]
 
 
+def gather_chunks(chunks: Sequence[list[int]], parts: Sequence[torch.Tensor], n_prompts: int,
+                  lead: int | None = None) -> torch.Tensor:
+    """The per-chunk metric values of a program, ``[lead *] (row * prompt)`` each, put back in row
+    order: ``[row, prompt]`` (or ``[lead, row, prompt]``), in the dtype the metric was computed in
+    (float64 for a float64 model; at least float32)."""
+    n_rows = sum(len(chunk) for chunk in chunks)
+    shape = (n_rows, n_prompts) if lead is None else (lead, n_rows, n_prompts)
+    dtype = parts[0].dtype if parts else torch.float32
+    values = torch.empty(shape, dtype=dtype)
+    for chunk, v in zip(chunks, parts):
+        v = v.cpu().reshape(*shape[:-2], len(chunk), n_prompts)
+        values[..., chunk, :] = v
+    return values
+
+
 def chunk_rows(start_layers: Sequence[int], limit: float, weights: Sequence[float] | None = None) -> list[list[int]]:
     """Row indices grouped into chunks that share a start layer, so that every chunk
     can skip the blocks below it, with at most `limit` rows (or total `weights`:
@@ -138,7 +201,15 @@ def chunk_rows(start_layers: Sequence[int], limit: float, weights: Sequence[floa
 
 
 def rows_per_chunk(model: PatchModel, n_prompts: int, n_pos: int, memory_mb: float) -> int:
-    """Rows per forward pass that keep a rough estimate of activation memory under `memory_mb`."""
+    """Rows per forward pass that keep a rough estimate of activation memory under `memory_mb`.
+
+    Raises:
+        ValueError: `memory_mb` is not a finite number > 0.
+    """
+    if isinstance(memory_mb, bool) or not isinstance(memory_mb, numbers.Real) or not math.isfinite(memory_mb) \
+            or memory_mb <= 0:
+        raise ValueError(f"memory_mb must be a finite number of MiB > 0 (activation memory per forward pass; "
+                         f"default 1024), got {memory_mb!r}")
     lay = model.layout
     bytes_per_sequence = 4 * n_pos * (16 * lay.d_model + 3 * lay.n_heads * n_pos) + 4 * 2 * lay.vocab_size
     return max(1, math.floor(memory_mb * 2**20 / (bytes_per_sequence * n_prompts)))

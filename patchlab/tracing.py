@@ -31,7 +31,7 @@ from .components import Component, Site
 from .facts import Fact, FactDataset
 from .kernels import patching as kpatching
 from .metrics import Direction, Metric, Targets, get_metric
-from .models import PatchModel
+from .models import PatchModel, takes_model
 from .provenance import provenance_attrs
 from .remote import execute
 from .runner import CachePass, patch_rows
@@ -60,9 +60,10 @@ def subject_embedding_std(model: PatchModel, tokens, remote=None) -> float:
     acts = execute(model, kpatching.cache_runs, model.arch(), passes, remote=remote)
     values = [acts[(i, "resid_pre", 0)][0, span.start:span.stop].flatten()
               for i, span in enumerate(tokens.subject_positions)]
-    return float(torch.cat(values).float().std())
+    return float(torch.cat(values).double().std())
 
 
+@takes_model
 def causal_trace(model: PatchModel, facts: FactDataset, *, kinds=("hidden", "mlp", "attn"), window: int = 10,
                  noise: float = 3.0, samples: int = 10, corruption: str = "noise",
                  metric: Metric | str = Metric.PROB, direction: Direction | str = Direction.DENOISING,
@@ -159,7 +160,8 @@ def causal_trace(model: PatchModel, facts: FactDataset, *, kinds=("hidden", "mlp
                                 dataset_sha256=facts.sha256(), seed=seed, metric=metric.value, units=metric.units,
                                 direction=direction.value, corruption=corruption, noise_scale=noise,
                                 embedding_std=std, samples=samples if corruption == "noise" else 1,
-                                window=window, method="causal tracing (Meng et al. 2022)")
+                                window=window, method="causal tracing (Meng et al. 2022)",
+                                nan_values="positions beyond a prompt's length")
     return ds
 
 
@@ -210,7 +212,9 @@ def trace_fact(model: PatchModel, ids: torch.Tensor, span: range, answer: int, *
     n_layers, n_pos = model.layout.n_layers, ids.shape[1]
     if replacement is None:
         generator = torch.Generator().manual_seed(seed)
-        eps = torch.randn(samples, len(span), model.layout.d_model, generator=generator) * scale
+        # float32 draws (the same noise whatever the model's dtype), scaled in float64; the program
+        # adds them in the model's dtype
+        eps = torch.randn(samples, len(span), model.layout.d_model, generator=generator).double() * scale
         clean_ids = ids.repeat(samples, 1)
         passes = [CachePass(("clean",), clean_ids),
                   CachePass(("corrupted",), clean_ids, noise={"from": "clean", "start": span.start, "eps": eps})]

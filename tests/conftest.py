@@ -31,6 +31,16 @@ def smollm2():
 
     return pl.load_model("smollm2-135m")
 
+
+@pytest.fixture(scope="session")
+def smollm2_f64():
+    """SmolLM2-135M-Instruct in float64 (CPU), for exactness tests against the hook reference."""
+    import torch
+
+    import patchlab as pl
+
+    return pl.load_model("smollm2-135m", dtype=torch.float64)
+
 @pytest.fixture(scope="session")
 def make_wordlevel_tokenizer():
     """Factory for tiny word-level tokenizers (no download): ``make(words, bos=False)``.

@@ -21,14 +21,15 @@ from patchlab.metrics import Metric, Targets
 
 from .reference_graph import _edge_run, reference_contributions, reference_edge_patched_logits
 from .test_edges_exact import ref_edge
-from .test_patching_exact import ALL_FAMILIES, TOL, random_pairs
-from .tiny_models import tiny_model, tiny_tokenizer
+from .precision import EXACT, exact_atol
+from .test_patching_exact import ALL_FAMILIES, random_pairs
+from .tiny_models import tiny_patch_model
 
 
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
 def setup(request):
-    hf = tiny_model(request.param)
-    model = pl.load_model(hf, tokenizer=tiny_tokenizer(hf.config.vocab_size), model_id=f"tiny-{request.param}")
+    model = tiny_patch_model(request.param)
+    hf = model.hf
     dataset = random_pairs(hf.config.vocab_size)
     return model, dataset, dataset.tokenize(model.tokenizer), Graph.from_model(model)
 
@@ -52,8 +53,9 @@ def test_exact_scores_equal_single_edge_reference(setup):
     ds = exact_edge_scores(model, dataset, edges=edges, progress=False)
     clean = ref_metric(model, tokens, []).mean()
     for e in edges:
-        assert float(ds["score"].sel(edge=e.label)) == pytest.approx(float(ref_metric(model, tokens, [e]).mean() - clean),
-                                                                     abs=TOL)
+        expected = float(ref_metric(model, tokens, [e]).mean() - clean)
+        tol = exact_atol(model, clean, edges=True)
+        assert float(ds["score"].sel(edge=e.label)) == pytest.approx(expected, abs=tol)
 
 
 def test_exact_scores_resume_from_a_checkpoint(setup, tmp_path, monkeypatch):
@@ -76,7 +78,7 @@ def test_exact_scores_resume_from_a_checkpoint(setup, tmp_path, monkeypatch):
         exact_edge_scores(model, dataset, edges=edges, block=16, checkpoint=path, progress=False)
     monkeypatch.setattr(exact_module, "edge_patch_rows", real)
     resumed = exact_edge_scores(model, dataset, edges=edges, block=16, checkpoint=path, progress=False)
-    np.testing.assert_allclose(resumed["score"].values, full["score"].values, atol=1e-6)
+    np.testing.assert_allclose(resumed["score"].values, full["score"].values, atol=EXACT)
     assert calls == [16, 16]  # the first block was kept, not recomputed
 
 
@@ -90,9 +92,10 @@ def test_circuit_metric_equals_reference_with_the_rest_patched(setup):
     ds = evaluate_circuits(model, dataset, [circuit], progress=False)
     rest = [e for e in every if e not in circuit]
     expected = ref_metric(model, tokens, rest)
-    np.testing.assert_allclose(ds["metric"].values[0], expected.numpy(), atol=TOL)
+    np.testing.assert_allclose(ds["metric"].values[0], expected.numpy(), atol=exact_atol(model, expected, edges=True))
     empty, full = ref_metric(model, tokens, every).mean(), ref_metric(model, tokens, []).mean()
-    assert float(ds["faithfulness"][0]) == pytest.approx(float((expected.mean() - empty) / (full - empty)), abs=1e-4)
+    faithfulness = float((expected.mean() - empty) / (full - empty))
+    assert float(ds["faithfulness"][0]) == pytest.approx(faithfulness, abs=exact_atol(model, expected, edges=True))
     assert ds.attrs["ablation"] == "resample" and ds.attrs["level"] == "edge"
 
 
@@ -105,7 +108,7 @@ def test_mean_ablation_patches_the_mean_corrupted_contributions(setup):
     corrupted = reference_contributions(model.hf, tokens.corrupted_ids)
     mean = {k: v.mean(0, keepdim=True).expand_as(v) for k, v in corrupted.items()}
     expected = ref_metric(model, tokens, [e for e in every if e not in keep], source=mean)
-    np.testing.assert_allclose(ds["metric"].values[0], expected.numpy(), atol=TOL)
+    np.testing.assert_allclose(ds["metric"].values[0], expected.numpy(), atol=exact_atol(model, expected, edges=True))
 
 
 def test_token_specific_circuit_ablates_per_position(setup):
@@ -117,7 +120,7 @@ def test_token_specific_circuit_ablates_per_position(setup):
     ds = evaluate_circuits(model, dataset, [circuit], progress=False)
     assert ds.attrs["token_specific"] == 1
     expected = ref_metric(model, tokens, [e for e in every if e not in set(keep)])
-    np.testing.assert_allclose(ds["metric"].values[0], expected.numpy(), atol=TOL)
+    np.testing.assert_allclose(ds["metric"].values[0], expected.numpy(), atol=exact_atol(model, expected, edges=True))
 
 
 def test_node_level_ablates_every_edge_out_of_the_other_senders(setup):
@@ -128,7 +131,7 @@ def test_node_level_ablates_every_edge_out_of_the_other_senders(setup):
     circuit = Circuit(graph, keep, edge_scores(every, np.ones(len(every)), graph=graph))
     ds = evaluate_circuits(model, dataset, [circuit], level="node", progress=False)
     expected = ref_metric(model, tokens, [e for e in every if e.sender not in nodes and e.sender.kind is not NodeKind.EMBED])
-    np.testing.assert_allclose(ds["metric"].values[0], expected.numpy(), atol=TOL)
+    np.testing.assert_allclose(ds["metric"].values[0], expected.numpy(), atol=exact_atol(model, expected, edges=True))
 
 
 def test_full_circuit_is_faithful_and_empty_is_not(setup):
@@ -137,8 +140,8 @@ def test_full_circuit_is_faithful_and_empty_is_not(setup):
     scores = edge_scores(every, np.arange(len(every), dtype=float), graph=graph)
     curve = faithfulness_curve(model, dataset, scores, sizes=[0, 5, len(every)], progress=False)
     assert list(curve["n_edges"].values) == [0, 5, len(every)]
-    assert curve["faithfulness"].values[0] == pytest.approx(0, abs=1e-5)
-    assert curve["faithfulness"].values[-1] == pytest.approx(1, abs=1e-5)
+    assert curve["faithfulness"].values[0] == pytest.approx(0, abs=EXACT)
+    assert curve["faithfulness"].values[-1] == pytest.approx(1, abs=EXACT)
 
 
 def naive_acdc(model, tokens, graph, tau):
@@ -269,8 +272,8 @@ def test_roc_auc_by_hand():
 def test_every_algorithm_runs_on_every_family(family):
     """EAP/EAP-IG and edge patching are checked against references on every family elsewhere;
     here every algorithm that builds on them runs end to end and keeps its invariants."""
-    hf = tiny_model(family)
-    model = pl.load_model(hf, tokenizer=tiny_tokenizer(hf.config.vocab_size), model_id=f"tiny-{family}")
+    model = tiny_patch_model(family)
+    hf = model.hf
     dataset = random_pairs(hf.config.vocab_size)
     graph = Graph.from_model(model)
     scores = pl.eap_ig(model, dataset, steps=2)
@@ -278,7 +281,7 @@ def test_every_algorithm_runs_on_every_family(family):
     exact = exact_edge_scores(model, dataset, edges=top, progress=False)
     assert np.isfinite(exact["score"].values).all() and agreement(scores, exact).attrs["n_edges"] == 10
     curve = faithfulness_curve(model, dataset, scores, sizes=[0, graph.n_edges], progress=False)
-    np.testing.assert_allclose(curve["faithfulness"].values, [0.0, 1.0], atol=1e-4)
+    np.testing.assert_allclose(curve["faithfulness"].values, [0.0, 1.0], atol=EXACT)
     circuit = acdc(model, dataset, tau=0.05, candidates=top, progress=False)
     assert circuit.edges <= set(top) and circuit.scores.attrs["n_evaluated"] <= 10
     found = pl.iterative_path_patching(model, dataset, threshold=0.2, max_depth=2, progress=False)

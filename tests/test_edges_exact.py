@@ -15,8 +15,9 @@ from patchlab.graph import Channel, Edge, Graph, Node, NodeKind
 from patchlab.metrics import Metric, Targets
 
 from .reference_graph import RefEdge, reference_edge_patched_logits
-from .test_patching_exact import ALL_FAMILIES, TOL, random_pairs
-from .tiny_models import tiny_model, tiny_tokenizer
+from .precision import exact_atol
+from .test_patching_exact import ALL_FAMILIES, random_pairs
+from .tiny_models import tiny_model, tiny_patch_model, tiny_tokenizer
 
 
 def ref_node(node: Node) -> tuple:
@@ -33,8 +34,8 @@ def ref_edge(edge: Edge) -> RefEdge:
 
 @pytest.fixture(scope="module", params=ALL_FAMILIES)
 def setup(request):
-    hf = tiny_model(request.param)
-    model = pl.load_model(hf, tokenizer=tiny_tokenizer(hf.config.vocab_size), model_id=f"tiny-{request.param}")
+    model = tiny_patch_model(request.param)
+    hf = model.hf
     dataset = random_pairs(hf.config.vocab_size)
     return model, dataset, dataset.tokenize(model.tokenizer), Graph.from_model(model)
 
@@ -84,21 +85,26 @@ def test_edge_sets_equal_reference(setup, direction, make_sets):
     ds = patch_edges(model, dataset, edge_sets, direction=direction, progress=False)
     expected = reference_values(model, tokens, edge_sets, direction)
     got = torch.from_numpy(ds.patched.values)
-    assert torch.allclose(got, expected, atol=TOL, rtol=0), (got - expected).abs().max()
+    tol = exact_atol(model, expected, edges=True)
+    assert torch.allclose(got, expected, atol=tol, rtol=0), (got - expected).abs().max()
 
 
 def test_every_edge_patched_is_the_source_run(setup):
     model, dataset, tokens, graph = setup
     ds = patch_edges(model, dataset, [tuple(graph.edges())], progress=False)
-    assert torch.allclose(torch.from_numpy(ds.patched.values[0]), torch.from_numpy(ds.corrupted.values), atol=TOL)
+    corrupted = torch.from_numpy(ds.corrupted.values)
+    assert torch.allclose(torch.from_numpy(ds.patched.values[0]), corrupted,
+                          atol=exact_atol(model, corrupted, edges=True))
 
 
 def test_empty_set_is_the_base_run_and_all_logit_edges_the_source_run(setup):
     model, dataset, tokens, graph = setup
     logits = Node(NodeKind.LOGITS)
     ds = patch_edges(model, dataset, [(), [Edge(s, logits, Channel.IN) for s in graph.senders]], progress=False)
-    assert torch.allclose(torch.from_numpy(ds.patched.values[0]), torch.from_numpy(ds.clean.values), atol=TOL)
-    assert torch.allclose(torch.from_numpy(ds.patched.values[1]), torch.from_numpy(ds.corrupted.values), atol=TOL)
+    clean, corrupted = torch.from_numpy(ds.clean.values), torch.from_numpy(ds.corrupted.values)
+    tol = exact_atol(model, clean, corrupted, edges=True)
+    assert torch.allclose(torch.from_numpy(ds.patched.values[0]), clean, atol=tol)
+    assert torch.allclose(torch.from_numpy(ds.patched.values[1]), corrupted, atol=tol)
 
 
 def test_senders_into_a_query_sweep(setup):
@@ -108,7 +114,8 @@ def test_senders_into_a_query_sweep(setup):
     assert list(ds.sender.values) == [s.label for s in graph.senders_into(receiver)]
     edge_sets = [(Edge(s, receiver, Channel.Q),) for s in graph.senders_into(receiver)]
     expected = reference_values(model, tokens, edge_sets, "noising")
-    assert torch.allclose(torch.from_numpy(ds.patched.values), expected, atol=TOL, rtol=0)
+    tol = exact_atol(model, expected, edges=True)
+    assert torch.allclose(torch.from_numpy(ds.patched.values), expected, atol=tol, rtol=0)
 
 
 def test_edges_outside_the_graph_are_refused(setup):
@@ -126,13 +133,13 @@ def test_without_the_final_norm_edges_into_the_logits_add_up(family):
     norm_path = "transformer.ln_f" if family == "gpt2" else "model.norm"
     parent, name = norm_path.rsplit(".", 1)
     setattr(hf.get_submodule(parent), name, torch.nn.Identity())
-    model = pl.load_model(hf, tokenizer=tiny_tokenizer(hf.config.vocab_size))
+    model = pl.load_model(hf, tokenizer=tiny_tokenizer(hf.config.vocab_size), dtype=torch.float64)
     dataset = random_pairs(hf.config.vocab_size)
     logits = Node(NodeKind.LOGITS)
     a, b = Edge(Node(NodeKind.HEAD, 1, 2), logits, Channel.IN), Edge(Node(NodeKind.MLP, 0), logits, Channel.IN)
     ds = patch_edges(model, dataset, [(), (a,), (b,), (a, b)], progress=False)
     none, only_a, only_b, both = torch.from_numpy(ds.patched.values)
-    assert torch.allclose(both - none, (only_a - none) + (only_b - none), atol=TOL)
+    assert torch.allclose(both - none, (only_a - none) + (only_b - none), atol=exact_atol(model, none, edges=True))
     assert (only_a - none).abs().max() > 1e-3 and (only_b - none).abs().max() > 1e-3  # both edges matter
 
 
@@ -141,8 +148,8 @@ def test_path_results_round_trip_through_netcdf(tmp_path):
 
     from patchlab.paths import path_patch_heads
 
-    hf = tiny_model("qwen2")
-    model = pl.load_model(hf, tokenizer=tiny_tokenizer(hf.config.vocab_size))
+    model = tiny_patch_model("qwen2")
+    hf = model.hf
     ds = path_patch_heads(model, random_pairs(hf.config.vocab_size), receivers=[Node(NodeKind.HEAD, 2, 0)],
                           progress=False)
     ds.to_netcdf(tmp_path / "p.nc", engine="netcdf4")
@@ -152,8 +159,8 @@ def test_path_results_round_trip_through_netcdf(tmp_path):
 
 @pytest.mark.parametrize("family", ["gpt2", "qwen2", "gemma3"])
 def test_every_edge_into_a_channel_equals_patching_that_input(family):
-    hf = tiny_model(family)
-    model = pl.load_model(hf, tokenizer=tiny_tokenizer(hf.config.vocab_size))
+    model = tiny_patch_model(family)
+    hf = model.hf
     dataset = random_pairs(hf.config.vocab_size)
     graph = Graph.from_model(model)
     kv = NodeKind.KV_HEAD if graph.gqa else NodeKind.HEAD
@@ -162,4 +169,5 @@ def test_every_edge_into_a_channel_equals_patching_that_input(family):
         by_edges = patch_edges(model, dataset, [edges], progress=False)
         by_node = pl.patch_components(model, dataset, [pl.Component(site=site, layer=node.layer, head=node.head)],
                                       direction="noising", progress=False)
-        assert np.allclose(by_edges.patched.values, by_node.patched.values, atol=TOL, rtol=0), site
+        assert np.allclose(by_edges.patched.values, by_node.patched.values,
+                           atol=exact_atol(model, torch.from_numpy(by_node.patched.values), edges=True), rtol=0), site

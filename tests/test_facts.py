@@ -22,6 +22,8 @@ from patchlab.facts import (
     check_facts,
 )
 
+from .precision import EXACT
+
 EIFFEL = Fact("The Eiffel Tower is located in the city of", "The Eiffel Tower", " Paris")
 PUTIN = Fact("The mother tongue of Vladimir Putin is", "Vladimir Putin", " Russian",
              counterfactual_subject="Angela Merkel")
@@ -147,7 +149,8 @@ def test_builtin_facts_tokenize(smollm2_tokenizer):
 
 
 @pytest.mark.slow
-def test_check_facts_keeps_what_the_model_knows(smollm2):
+def test_check_facts_keeps_what_the_model_knows(smollm2_f64):
+    smollm2 = smollm2_f64  # float64, so that the plain forward below is an exact reference
     d = builtin_facts()
     kept, results = check_facts(smollm2, d)
     assert results.sizes["fact"] == len(d)
@@ -161,7 +164,7 @@ def test_check_facts_keeps_what_the_model_knows(smollm2):
         with torch.no_grad():
             probs = smollm2.hf(ids).logits[0, -1].softmax(-1)
         answer = tok(fact.answer, add_special_tokens=False)["input_ids"][0]
-        assert float(results["prob"][i]) == pytest.approx(float(probs[answer]), abs=1e-5)
+        assert float(results["prob"][i]) == pytest.approx(float(probs[answer]), abs=EXACT)
         top1 = int(probs.argmax()) == answer
         assert bool(results["top1"][i]) == top1
         assert bool(results["kept"][i]) == (top1 and float(probs[answer]) >= 0.1)

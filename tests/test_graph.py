@@ -5,10 +5,9 @@ from __future__ import annotations
 import networkx as nx
 import pytest
 
-import patchlab as pl
 from patchlab.graph import Channel, Edge, Graph, Node, NodeKind
 
-from .tiny_models import tiny_model, tiny_tokenizer
+from .tiny_models import tiny_patch_model
 
 
 def closed_form_edges(n: int, h: int, g: int, parallel: bool) -> int:
@@ -74,6 +73,5 @@ def test_networkx_conversion_is_a_dag_with_every_edge():
 
 @pytest.mark.parametrize("family,parallel,gqa", [("gpt_neox", True, False), ("qwen2", False, True)])
 def test_from_model(family, parallel, gqa):
-    hf = tiny_model(family)
-    graph = Graph.from_model(pl.load_model(hf, tokenizer=tiny_tokenizer(hf.config.vocab_size)))
+    graph = Graph.from_model(tiny_patch_model(family))
     assert graph.parallel_residual is parallel and graph.gqa is gqa and graph.n_layers == 3

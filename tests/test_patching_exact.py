@@ -17,11 +17,11 @@ from patchlab.components import Site
 from patchlab.metrics import Metric, Targets
 
 from .reference import RefPatch, reference_cache, reference_patched_logits
-from .tiny_models import FAMILIES, tiny_model, tiny_tokenizer
+from .precision import exact_atol
+from .tiny_models import FAMILIES, tiny_patch_model
 
 ALL_FAMILIES = tuple(FAMILIES) + ("gpt_neox_seq",)
 N_PROMPTS, N_POS = 3, 6
-TOL = 1e-5
 
 
 def random_pairs(vocab: int, seed: int = 0) -> pl.PromptPairDataset:
@@ -41,10 +41,8 @@ def random_pairs(vocab: int, seed: int = 0) -> pl.PromptPairDataset:
 
 @pytest.fixture(scope="module", params=ALL_FAMILIES)
 def setup(request):
-    hf = tiny_model(request.param)
-    tok = tiny_tokenizer(hf.config.vocab_size)
-    model = pl.load_model(hf, tokenizer=tok, model_id=f"tiny-{request.param}")
-    dataset = random_pairs(hf.config.vocab_size)
+    model = tiny_patch_model(request.param)
+    dataset = random_pairs(model.hf.config.vocab_size)
     tokens = dataset.tokenize(model.tokenizer)
     return model, dataset, tokens
 
@@ -81,7 +79,8 @@ def test_layer_pos_sweeps_equal_reference(setup, direction):
         comps = [pl.Component(site=site, layer=int(layer), pos=int(p)) for layer in ds.layer for p in ds.pos]
         expected = reference_values(model, tokens, comps, direction)
         got = torch.from_numpy(ds.patched.values).reshape(len(comps), -1)
-        assert torch.allclose(got, expected.double(), atol=TOL, rtol=0), (site, (got - expected).abs().max())
+        tol = exact_atol(model, expected)
+        assert torch.allclose(got, expected, atol=tol, rtol=0), (site, (got - expected).abs().max())
 
 
 @pytest.mark.parametrize("site", ["head", "q", "k", "v"])
@@ -92,7 +91,7 @@ def test_head_sweeps_equal_reference(setup, site):
     comps = [pl.Component(site=site, layer=int(layer), head=int(h)) for layer in ds.layer for h in ds["head"]]
     expected = reference_values(model, tokens, comps, "denoising")
     got = torch.from_numpy(ds.patched.values).reshape(len(comps), -1)
-    assert torch.allclose(got, expected.double(), atol=TOL, rtol=0), (got - expected).abs().max()
+    assert torch.allclose(got, expected, atol=exact_atol(model, expected), rtol=0), (got - expected).abs().max()
 
 
 @pytest.mark.parametrize("site", ["head", "k"])
@@ -103,7 +102,7 @@ def test_head_per_position_sweeps_equal_reference(setup, site):
              for layer in ds.layer for h in ds["head"] for p in ds.pos]
     expected = reference_values(model, tokens, comps, "noising")
     got = torch.from_numpy(ds.patched.values).reshape(len(comps), -1)
-    assert torch.allclose(got, expected.double(), atol=TOL, rtol=0), (got - expected).abs().max()
+    assert torch.allclose(got, expected, atol=exact_atol(model, expected), rtol=0), (got - expected).abs().max()
 
 
 def test_component_list_with_position_sets(setup):
@@ -115,7 +114,8 @@ def test_component_list_with_position_sets(setup):
         ds = pl.patch_components(model, dataset, comps, metric=metric, progress=False)
         expected = reference_values(model, tokens, comps, "denoising", metric=metric)
         assert list(ds.component.values) == [c.label for c in comps]
-        assert torch.allclose(torch.from_numpy(ds.patched.values), expected.double(), atol=TOL, rtol=0), metric
+        tol = exact_atol(model, expected)
+        assert torch.allclose(torch.from_numpy(ds.patched.values), expected, atol=tol, rtol=0), metric
 
 
 def test_baselines_and_score_closed_form(setup):
@@ -125,12 +125,12 @@ def test_baselines_and_score_closed_form(setup):
         clean = model.hf(tokens.clean_ids).logits[:, -1]
         corrupted = model.hf(tokens.corrupted_ids).logits[:, -1]
     ld = lambda lg: (lg.gather(1, tokens.correct_ids[:, None]) - lg.gather(1, tokens.incorrect_ids[:, None]))[:, 0]
-    assert torch.allclose(torch.from_numpy(ds.clean.values), ld(clean).double(), atol=TOL)
-    assert torch.allclose(torch.from_numpy(ds.corrupted.values), ld(corrupted).double(), atol=TOL)
+    assert torch.allclose(torch.from_numpy(ds.clean.values), ld(clean).double(), atol=exact_atol(model, clean))
+    assert torch.allclose(torch.from_numpy(ds.corrupted.values), ld(corrupted), atol=exact_atol(model, corrupted))
     # Patching the whole clean residual stream at layer 0 position by position: the
     # positions that differ (1, 3) are the only ones with an effect.
     unchanged = ds.patched.sel(layer=0, pos=[0, 2, 4]).values
-    assert abs(unchanged - ds.corrupted.values).max() < TOL
+    assert abs(unchanged - ds.corrupted.values).max() < exact_atol(model, clean)
     m = ds.patched.mean("prompt")
     expected = (m - ds.corrupted.mean()) / (ds.clean.mean() - ds.corrupted.mean())
     assert abs(ds.score - expected).max() < 1e-9
@@ -142,4 +142,5 @@ def test_chunking_and_reruns(setup):
     b = pl.patch_heads(model, dataset, site="v", per_position=True, progress=False)
     one_row_per_pass = pl.patch_heads(model, dataset, site="v", per_position=True, progress=False, memory_mb=1e-9)
     assert np.array_equal(a.patched.values, b.patched.values)  # reruns on CPU are bit-identical
-    assert np.allclose(a.patched.values, one_row_per_pass.patched.values, atol=TOL, rtol=0)
+    tol = exact_atol(model, torch.from_numpy(a.patched.values))
+    assert np.allclose(a.patched.values, one_row_per_pass.patched.values, atol=tol, rtol=0)

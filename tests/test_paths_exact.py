@@ -6,20 +6,20 @@ import numpy as np
 import pytest
 import torch
 
-import patchlab as pl
 from patchlab.graph import Node, NodeKind
 from patchlab.metrics import Metric, Targets
 from patchlab.paths import path_patch_heads
 
 from .reference_graph import reference_path_patched_logits
-from .test_patching_exact import ALL_FAMILIES, TOL, random_pairs
-from .tiny_models import tiny_model, tiny_tokenizer
+from .precision import exact_atol
+from .test_patching_exact import ALL_FAMILIES, random_pairs
+from .tiny_models import tiny_patch_model
 
 
 @pytest.fixture(scope="module", params=ALL_FAMILIES)
 def setup(request):
-    hf = tiny_model(request.param)
-    model = pl.load_model(hf, tokenizer=tiny_tokenizer(hf.config.vocab_size), model_id=f"tiny-{request.param}")
+    model = tiny_patch_model(request.param)
+    hf = model.hf
     dataset = random_pairs(hf.config.vocab_size)
     return model, dataset, dataset.tokenize(model.tokenizer)
 
@@ -40,7 +40,8 @@ def test_every_head_to_logits(setup, freeze_mlps):
         for head in range(model.layout.n_heads):
             expected = reference(model, tokens, ("head", layer, head), "logits", freeze_mlps)
             got = torch.from_numpy(ds.patched.sel(layer=layer, head=head).values)
-            assert torch.allclose(got, expected, atol=TOL, rtol=0), (layer, head, (got - expected).abs().max())
+            assert torch.allclose(got, expected, atol=exact_atol(model, expected), rtol=0), \
+                (layer, head, (got - expected).abs().max())
 
 
 def test_every_head_to_a_receiver_sets_qkv(setup):
@@ -58,7 +59,7 @@ def test_every_head_to_a_receiver_sets_qkv(setup):
             for head in range(lay.n_heads):
                 expected = reference(model, tokens, ("head", layer, head), ref_receivers)
                 got = torch.from_numpy(ds.patched.sel(channel=channel, layer=layer, head=head).values)
-                assert torch.allclose(got, expected, atol=TOL, rtol=0), (channel, layer, head)
+                assert torch.allclose(got, expected, atol=exact_atol(model, expected), rtol=0), (channel, layer, head)
 
 
 def test_bad_receivers_are_refused(setup):
@@ -74,8 +75,8 @@ def test_bad_receivers_are_refused(setup):
 def test_multihop_sender_via_a_head_to_logits(family, channel):
     from .reference_graph import reference_multihop_path_patched_logits
 
-    hf = tiny_model(family)
-    model = pl.load_model(hf, tokenizer=tiny_tokenizer(hf.config.vocab_size))
+    model = tiny_patch_model(family)
+    hf = model.hf
     dataset = random_pairs(hf.config.vocab_size)
     tokens = dataset.tokenize(model.tokenizer)
     kv = NodeKind.KV_HEAD if model.layout.n_kv_heads != model.layout.n_heads else NodeKind.HEAD
@@ -90,4 +91,5 @@ def test_multihop_sender_via_a_head_to_logits(family, channel):
             [[(("head", 1, via_node.head), channel)]], "logits")
         expected = Metric.LOGIT_DIFF(logits, targets).double()
         got = torch.from_numpy(ds.patched.sel(layer=0, head=head).values)
-        assert torch.allclose(got, expected, atol=TOL, rtol=0), (head, (got - expected).abs().max())
+        tol = exact_atol(model, expected)
+        assert torch.allclose(got, expected, atol=tol, rtol=0), (head, (got - expected).abs().max())

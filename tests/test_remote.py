@@ -272,3 +272,32 @@ def test_meta_model_needs_no_local_weights(models, server, tmp_path):
 def test_remote_argument_is_checked():
     with pytest.raises(ValueError, match="remote='nowhere': use False, True"):
         resolve_remote("nowhere")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_float64_models_run_remotely_where_the_server_hosts_them(family, tmp_path):
+    """``load_model(..., dtype=torch.float64, remote=...)`` builds a float64 meta-device client; a server
+    hosting a float64 copy runs every program in float64 (noise, masks and coefficients follow the
+    hosted model's dtype), so results equal the local float64 ones."""
+    hf = tiny_model(family)
+    local = pl.load_model(hf, tokenizer=tiny_tokenizer(hf.config.vocab_size), dtype=torch.float64,
+                          model_id=f"tiny-{family}", hub_id=f"loopback/tiny-{family}-float64")
+    local.hf.save_pretrained(tmp_path / "tiny")
+    local.tokenizer.save_pretrained(tmp_path / "tiny")
+    hosted = {model_key(local): TransformersModel(copy.deepcopy(local.hf), tokenizer=local.tokenizer,
+                                                  task="text-generation")}
+    facts = pl.FactDataset(facts=(pl.Fact("w1 w2 w3 w4 w5", "w2 w3", " w9"),))
+    calls = {"patch_heads": lambda m, d: pl.patch_heads(m, d, progress=False),
+             "patch_senders_into": lambda m, d: pl.patch_senders_into(m, d, pl.Node(pl.NodeKind.LOGITS), "in",
+                                                                      progress=False),
+             "eap": lambda m, d: pl.eap(m, d),
+             "causal_trace": lambda m, d: pl.causal_trace(m, facts, samples=2, window=2, progress=False)}
+    with LoopbackNDIF(hosted) as srv:
+        meta = pl.load_model(tmp_path / "tiny", hub_id=local.hub_id, dtype=torch.float64, remote=srv.url,
+                             attn_implementation=local.hf.config._attn_implementation)
+        assert meta.is_meta and meta.dtype == torch.float64
+        data = pairs(local)
+        for name, call in calls.items():
+            here, there = call(local, data), call(meta, data)
+            assert all(v.dtype == "float64" for v in there.data_vars.values() if v.dtype.kind == "f"), name
+            xr.testing.assert_allclose(here.drop_attrs(), there.drop_attrs(), atol=1e-12, rtol=0)

@@ -9,20 +9,21 @@ from __future__ import annotations
 
 
 import pytest
+import torch
 import xarray as xr
 
 import patchlab as pl
 from patchlab.attribution import eap, eap_ig
 
 from .test_patching_exact import random_pairs
-from .tiny_models import tiny_model, tiny_tokenizer
+from .tiny_models import tiny_model, tiny_patch_model, tiny_tokenizer
 
 
 
 @pytest.fixture(scope="module", params=["gpt2", "llama", "gemma2"])
 def setup(request):
-    hf = tiny_model(request.param)
-    model = pl.load_model(hf, tokenizer=tiny_tokenizer(hf.config.vocab_size), model_id=f"tiny-{request.param}")
+    model = tiny_patch_model(request.param)
+    hf = model.hf
     return model, random_pairs(hf.config.vocab_size)
 
 
@@ -48,6 +49,7 @@ def test_remote_eap_ig_equals_local(setup):
 
 def test_remote_token_specific_eap_equals_local():
     hf = tiny_model("llama")  # grouped-query attention: k and v edges go to key/value heads
-    model = pl.load_model(hf, tokenizer=tiny_tokenizer(hf.config.vocab_size), model_id="tiny-llama")
+    model = pl.load_model(hf, tokenizer=tiny_tokenizer(hf.config.vocab_size), dtype=torch.float64,
+                          model_id="tiny-llama")
     dataset = random_pairs(hf.config.vocab_size)
     assert_same_scores(eap(model, dataset, per_position=True), eap(model, dataset, per_position=True, remote="local"))

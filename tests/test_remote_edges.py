@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import xarray as xr
 
-import patchlab as pl
 import patchlab.graph_runner as graph_runner
 from patchlab.acdc_search import acdc
 from patchlab.circuit import Circuit, edge_scores
@@ -19,13 +18,13 @@ from patchlab.faithfulness import evaluate_circuits, faithfulness_curve
 from patchlab.graph import Graph, Node, NodeKind
 
 from .test_patching_exact import random_pairs
-from .tiny_models import tiny_model, tiny_tokenizer
+from .tiny_models import tiny_patch_model
 
 
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
 def setup(request):
-    hf = tiny_model(request.param)
-    model = pl.load_model(hf, tokenizer=tiny_tokenizer(hf.config.vocab_size), model_id=f"tiny-{request.param}")
+    model = tiny_patch_model(request.param)
+    hf = model.hf
     graph = Graph.from_model(model)
     return model, random_pairs(hf.config.vocab_size), graph, list(graph.edges())
 
@@ -102,7 +101,7 @@ def test_local_runs_cache_once_for_every_block(setup, requests):
 
 
 def test_a_channel_the_receiver_lacks_is_refused():
-    hf = tiny_model("llama")
-    model = pl.load_model(hf, tokenizer=tiny_tokenizer(hf.config.vocab_size))
+    model = tiny_patch_model("llama")
+    hf = model.hf
     with pytest.raises(ValueError, match="not an edge"):  # GQA: k edges go to the key/value head
         patch_senders_into(model, random_pairs(hf.config.vocab_size), Node(NodeKind.HEAD, 2, 1), "k", progress=False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 
 import pytest
+import torch
 import xarray as xr
 
 import patchlab as pl
@@ -19,14 +20,14 @@ from patchlab.iterative_paths import iterative_path_patching
 from patchlab.paths import path_patch_heads
 
 from .test_patching_exact import random_pairs
-from .tiny_models import tiny_model, tiny_tokenizer
+from .tiny_models import tiny_model, tiny_patch_model, tiny_tokenizer
 
 
 
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
 def setup(request):
-    hf = tiny_model(request.param)
-    model = pl.load_model(hf, tokenizer=tiny_tokenizer(hf.config.vocab_size), model_id=f"tiny-{request.param}")
+    model = tiny_patch_model(request.param)
+    hf = model.hf
     return model, random_pairs(hf.config.vocab_size)
 
 
@@ -70,7 +71,8 @@ def test_remote_path_patch_heads_equals_local_in_one_program(setup, programs, ca
 
 def test_remote_multihop_via_a_key_value_head_equals_local():
     hf = tiny_model("llama")  # grouped-query attention: the hop is a key/value head's v input
-    model = pl.load_model(hf, tokenizer=tiny_tokenizer(hf.config.vocab_size), model_id="tiny-llama")
+    model = pl.load_model(hf, tokenizer=tiny_tokenizer(hf.config.vocab_size), dtype=torch.float64,
+                          model_id="tiny-llama")
     dataset = random_pairs(hf.config.vocab_size)
     via = [(Node(NodeKind.KV_HEAD, 1, 1), "v")]
     assert_same(path_patch_heads(model, dataset, via=via, progress=False),

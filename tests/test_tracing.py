@@ -11,7 +11,8 @@ import patchlab as pl
 from patchlab.facts import Fact, FactDataset
 from patchlab.tracing import causal_trace, window_layers
 
-from .tiny_models import tiny_model, tiny_tokenizer
+from .precision import EXACT
+from .tiny_models import tiny_patch_model
 
 PATHS = {"gpt2": ("transformer.h", "mlp", "attn"), "llama": ("model.layers", "mlp", "self_attn")}
 
@@ -63,8 +64,8 @@ def reference_prob(hf, family, ids, span, answer, eps, kind, layer, pos, window,
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_restorations_equal_hooks(family):
-    hf = tiny_model(family)
-    model = pl.load_model(hf, tokenizer=tiny_tokenizer(hf.config.vocab_size), model_id=f"tiny-{family}")
+    model = tiny_patch_model(family)
+    hf = model.hf
     facts = FactDataset(facts=(Fact("w1 w2 w3 w4 w5 w6", "w2 w3", " w9"), Fact("w7 w8 w9 w10", "w10", " w3")))
     samples, noise, window, seed = 4, 3.0, 2, 5
     ds = causal_trace(model, facts, samples=samples, noise=noise, window=window, seed=seed, progress=False)
@@ -72,19 +73,20 @@ def test_restorations_equal_hooks(family):
     for i in range(len(facts)):
         ids, span, answer = tokens.ids[i][None], tokens.subject_positions[i], int(tokens.answer_ids[i])
         eps = torch.randn(samples, len(span), hf.config.hidden_size,
-                          generator=torch.Generator().manual_seed(seed + i)) * noise * ds.attrs["embedding_std"]
+                          generator=torch.Generator().manual_seed(seed + i)).double()
+        eps = eps * (noise * ds.attrs["embedding_std"])
         for kind in ("hidden", "mlp", "attn"):
             for layer, pos in [(0, span.start), (1, span.stop - 1), (2, ids.shape[1] - 1)]:
                 expected = reference_prob(hf, family, ids, span, answer, eps, kind, layer, pos, window)
                 got = float(ds["prob"].sel(kind=kind, prompt=i, layer=layer, pos=pos))
-                assert got == pytest.approx(expected, abs=1e-5), (kind, i, layer, pos)
+                assert got == pytest.approx(expected, abs=EXACT), (kind, i, layer, pos)
         assert np.isnan(ds["prob"].sel(prompt=1).values[..., 4:]).all()  # beyond the shorter prompt
         assert ds["subject"].values[i, span.start:span.stop].all() and ds["subject"].values[i].sum() == len(span)
 
 
 def test_symmetric_token_replacement_equals_hooks():
-    hf = tiny_model("llama")
-    model = pl.load_model(hf, tokenizer=tiny_tokenizer(hf.config.vocab_size))
+    model = tiny_patch_model("llama")
+    hf = model.hf
     facts = FactDataset(facts=(Fact("w1 w2 w3 w4 w5", "w2 w3", " w9", counterfactual_subject="w20 w21"),))
     ds = causal_trace(model, facts, corruption="replace", window=2, progress=False)
     tokens = facts.tokenize(model.tokenizer)
@@ -94,7 +96,8 @@ def test_symmetric_token_replacement_equals_hooks():
     for kind in ("hidden", "mlp", "attn"):
         for layer, pos in [(0, 1), (1, 2), (2, 4)]:
             expected = reference_prob(hf, "llama", ids, span, answer, None, kind, layer, pos, 2, corrupted_ids=other)
-            assert float(ds["prob"].sel(kind=kind, prompt=0, layer=layer, pos=pos)) == pytest.approx(expected, abs=1e-5)
+            got = float(ds["prob"].sel(kind=kind, prompt=0, layer=layer, pos=pos))
+            assert got == pytest.approx(expected, abs=EXACT)
     bad = FactDataset(facts=(Fact("w1 w2 w3 w4 w5", "w2 w3", " w9", counterfactual_subject="w20"),))
     with pytest.raises(ValueError, match="token positions"):
         causal_trace(model, bad, corruption="replace", progress=False)
@@ -103,8 +106,8 @@ def test_symmetric_token_replacement_equals_hooks():
 
 
 def test_noising_corrupts_one_state_of_the_clean_run():
-    hf = tiny_model("gpt2")
-    model = pl.load_model(hf, tokenizer=tiny_tokenizer(hf.config.vocab_size))
+    model = tiny_patch_model("gpt2")
+    hf = model.hf
     facts = FactDataset(facts=(Fact("w1 w2 w3 w4 w5", "w2 w3", " w9"),))
     samples, seed = 3, 2
     ds = causal_trace(model, facts, samples=samples, seed=seed, window=1, direction="noising", metric="logprob",
@@ -113,7 +116,7 @@ def test_noising_corrupts_one_state_of_the_clean_run():
     tokens = facts.tokenize(model.tokenizer)
     ids, span, answer = tokens.ids[0][None], tokens.subject_positions[0], int(tokens.answer_ids[0])
     eps = torch.randn(samples, len(span), hf.config.hidden_size,
-                      generator=torch.Generator().manual_seed(seed)) * 3.0 * ds.attrs["embedding_std"]
+                      generator=torch.Generator().manual_seed(seed)).double() * (3.0 * ds.attrs["embedding_std"])
     blocks, noised = hf.transformer.h, {}
 
     def noise(mod, args, kwargs):
@@ -140,17 +143,16 @@ def test_noising_corrupts_one_state_of_the_clean_run():
     finally:
         handle.remove()
     expected = float(torch.log_softmax(logits.double(), -1)[:, answer].mean())
-    assert float(ds["prob"].sel(kind="mlp", prompt=0, layer=1, pos=3)) == pytest.approx(expected, abs=1e-5)
+    assert float(ds["prob"].sel(kind="mlp", prompt=0, layer=1, pos=3)) == pytest.approx(expected, abs=EXACT)
     # The last block's output at the last token decides the output: noising it gives the corrupted run.
     last = float(ds["prob"].sel(kind="hidden", prompt=0, layer=2, pos=4))
-    assert last == pytest.approx(float(ds["corrupted"][0]), abs=1e-5)
+    assert last == pytest.approx(float(ds["corrupted"][0]), abs=EXACT)
     with pytest.raises(ValueError, match="no incorrect answer"):
         causal_trace(model, facts, metric="logit_diff", progress=False)
 
 
 def test_average_aligns_prompts_on_token_groups():
-    hf = tiny_model("gpt2")
-    model = pl.load_model(hf, tokenizer=tiny_tokenizer(hf.config.vocab_size))
+    model = tiny_patch_model("gpt2")
     facts = FactDataset(facts=(Fact("w1 w2 w3 w4 w5 w6 w7", "w2 w3 w4", " w9"), Fact("w7 w8 w9 w10", "w8", " w3")))
     ds = causal_trace(model, facts, samples=2, window=3, progress=False)
     p = ds["prob"].values  # [kind, prompt, layer, pos]; spans 1..3 of 7 tokens and 1..1 of 4 tokens
@@ -162,13 +164,13 @@ def test_average_aligns_prompts_on_token_groups():
 
 
 def test_embedding_std_is_over_subject_tokens():
-    hf = tiny_model("llama")
-    model = pl.load_model(hf, tokenizer=tiny_tokenizer(hf.config.vocab_size))
+    model = tiny_patch_model("llama")
+    hf = model.hf
     facts = FactDataset(facts=(Fact("w1 w2 w3", "w2", " w4"),))
     ds = causal_trace(model, facts, samples=1, kinds=("hidden",), progress=False)
     ids = facts.tokenize(model.tokenizer).ids[0]
     expected = hf.get_input_embeddings()(ids[1:2]).std()  # Llama: block 0 reads the token embedding
-    assert ds.attrs["embedding_std"] == pytest.approx(float(expected), rel=1e-5)
+    assert ds.attrs["embedding_std"] == pytest.approx(float(expected), rel=EXACT)
     with pytest.raises(ValueError, match="unknown kinds"):
         causal_trace(model, facts, kinds=("resid",))
 
@@ -176,8 +178,7 @@ def test_embedding_std_is_over_subject_tokens():
 def test_trace_round_trips_through_netcdf(tmp_path):
     import xarray as xr
 
-    hf = tiny_model("gpt2")
-    model = pl.load_model(hf, tokenizer=tiny_tokenizer(hf.config.vocab_size))
+    model = tiny_patch_model("gpt2")
     facts = FactDataset(facts=(Fact("w1 w2 w3 w4", "w2", " w9"), Fact("w5 w6 w7", "w6", " w3")))
     ds = causal_trace(model, facts, samples=2, window=2, progress=False)
     ds.to_netcdf(tmp_path / "trace.nc")
@@ -192,8 +193,7 @@ def test_interrupted_trace_resumes_from_its_checkpoint(tmp_path, monkeypatch):
 
     from patchlab import tracing
 
-    hf = tiny_model("gpt2")
-    model = pl.load_model(hf, tokenizer=tiny_tokenizer(hf.config.vocab_size))
+    model = tiny_patch_model("gpt2")
     facts = FactDataset(facts=(Fact("w1 w2 w3 w4", "w2", " w9"), Fact("w5 w6 w7", "w6", " w3"),
                                Fact("w8 w9 w1 w2", "w9 w1", " w4")))
     kw = dict(samples=2, window=2, kinds=("hidden", "mlp"), progress=False)

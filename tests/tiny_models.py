@@ -29,6 +29,7 @@ __all__ = [
     "SPECIAL_TOKENS",
     "tiny_tokenizer",
     "tiny_model",
+    "tiny_patch_model",
 ]
 
 FAMILIES: tuple[str, ...] = ("gpt2", "gpt_neo", "gpt_neox", "llama", "mistral", "qwen2", "gemma2", "gemma3")
@@ -185,3 +186,14 @@ def tiny_model(family: str, *, seed: int = 0) -> transformers.PreTrainedModel:
     _reinit(model, seed)
     model.to(torch.float32).eval()
     return model
+
+
+def tiny_patch_model(family: str, *, seed: int = 0, dtype: torch.dtype = torch.float64, **load_kwargs):
+    """`tiny_model` loaded with `patchlab.load_model` in `dtype` (float64 by default: exactness
+    tests compare it with the plain-hook reference on the same float64 modules, ``model.hf``).
+    `load_kwargs` go to `load_model` (``model_id`` defaults to ``"tiny-<family>"``)."""
+    import patchlab as pl
+
+    hf = tiny_model(family, seed=seed)
+    load_kwargs.setdefault("model_id", f"tiny-{family}")
+    return pl.load_model(hf, tokenizer=tiny_tokenizer(hf.config.vocab_size), dtype=dtype, **load_kwargs)

@@ -157,7 +157,7 @@ def head_contributions(root, arch, layer, z):
     without the bias. Gemma's post-attention norm is split over heads with the RMS scale of
     the whole attention output, so the contributions still sum to the branch output."""
     out = torch.einsum("bthe,hed->bthd", z, head_weights(root, arch, layer).to(z.dtype))
-    if arch["post_norms"]:
+    if arch["post_norms"]:  # in float32, as Gemma's RMSNorm computes (in a float64 model too)
         norm = torch_module(at(root, arch, point(arch, "attn_out", layer)))
         total = out.sum(2).float()
         scale = torch.rsqrt(total.pow(2).mean(-1, keepdim=True) + norm.eps) * (1.0 + norm.weight.float())
@@ -165,15 +165,19 @@ def head_contributions(root, arch, layer, z):
     return out
 
 
+def upcast(t):
+    """`t` in at least float32: half precision (float16, bfloat16) becomes float32, float64 stays."""
+    return t.float() if t.is_floating_point() and t.dtype.itemsize < 4 else t
+
+
 # ---- metrics ----------------------------------------------------------------------------
 def metric(name, logits, targets):
     """Metric per row, ``[batch]``, from final-position logits ``[batch, vocab]``.
 
     `targets`: dict with ``correct``, ``incorrect`` (``[batch]`` token ids) and, for KL,
-    ``clean_logprobs`` (``[batch, vocab]``). Half precision is computed in float32.
+    ``clean_logprobs`` (``[batch, vocab]``). Computed in at least float32 (`upcast`).
     """
-    if logits.dtype.itemsize < 4:
-        logits = logits.float()
+    logits = upcast(logits)
     correct = targets["correct"].to(logits.device)[:, None]
     if name == "logit_diff":
         return (logits.gather(-1, correct) - logits.gather(-1, targets["incorrect"].to(logits.device)[:, None]))[:, 0]
@@ -191,6 +195,28 @@ def metric(name, logits, targets):
     raise ValueError(f"unknown metric {name!r}")
 
 
+MIN_GAP = 1e-6
+"""Smallest gap between two runs' mean metric (metric units) that a sweep may normalise by."""
+MIN_GAP_FRACTION = 0.01
+"""The gap must also be at least this fraction of the mean per-prompt gap: smaller, the pairs cancel."""
+
+
+def gap_too_small(a, b):
+    """Whether runs `a` and `b` (metric per prompt, ``[prompt]``) are too close to normalise by:
+    a non-finite or tiny mean gap (below `MIN_GAP`), or per-prompt gaps that cancel (the mean
+    gap below `MIN_GAP_FRACTION` of the mean per-prompt |gap|)."""
+    d = a.detach().cpu().double() - b.detach().cpu().double()  # [prompt]: cheap anywhere
+    gap = d.mean().abs()
+    return bool(not torch.isfinite(gap) or gap < MIN_GAP or gap < MIN_GAP_FRACTION * d.abs().mean())
+
+
+def stop_for_gap(spec, runs):
+    """Whether a program must stop before its sweep: ``spec["gap"]`` names two runs (or is None)
+    whose metrics `runs` are too close (`gap_too_small`); the client then raises."""
+    pair = spec.get("gap")
+    return pair is not None and gap_too_small(runs[pair[0]], runs[pair[1]])
+
+
 def repeat_targets(targets, n):
     """Targets for `n` copies of the prompts along the batch."""
     return {k: (None if v is None else v.repeat(n, *([1] * (v.dim() - 1)))) for k, v in targets.items()}
@@ -198,7 +224,7 @@ def repeat_targets(targets, n):
 
 def with_clean_logprobs(targets, clean_logits):
     """`targets` plus the clean run's log-probabilities (for the KL metric)."""
-    return {**targets, "clean_logprobs": torch.log_softmax(clean_logits.float(), dim=-1)}
+    return {**targets, "clean_logprobs": torch.log_softmax(upcast(clean_logits), dim=-1)}
 
 
 # ---- caching runs -------------------------------------------------------------------------

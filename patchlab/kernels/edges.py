@@ -19,7 +19,8 @@ batch rows ``r * prompt .. r * prompt + prompt - 1``):
 import torch
 
 from .common import (at, block, head_contributions, head_weights, input_head_weights, metric, mlp_in_point, module,
-                     point, rep, repeat_targets, skip_value, torch_module, unview, view, with_clean_logprobs)
+                     point, rep, repeat_targets, skip_value, stop_for_gap, torch_module, unview, view,
+                     with_clean_logprobs)
 from .patching import cache_runs
 
 HEAD_KINDS = ("head", "kv_head")
@@ -47,12 +48,15 @@ def source_values(nn, arch, acts, run):
             "resid_final": acts[(run, "resid_post", n - 1)]}
 
 
-def _expand(key, n_prompts, device):
-    """A key with its per-row tensors repeated per prompt (``[row * prompt, ...]``) on `device`."""
-    rows = lambda t: None if t is None else t.to(device).repeat_interleave(n_prompts, dim=0)
-    return {**key, "flip": rows(key["flip"]), "full": rows(key["full"]), "partial": rows(key["partial"]),
-            "embed": rows(key["embed"]), "heads": {layer: rows(t) for layer, t in key["heads"].items()},
-            "mlps": {layer: rows(t) for layer, t in key["mlps"].items()}}
+def _expand(key, n_prompts, like):
+    """A key with its per-row tensors repeated per prompt (``[row * prompt, ...]``) on the device
+    of `like`, coefficients in its dtype (the model's: they multiply its activations)."""
+    rows = lambda t, dtype=None: None if t is None else \
+        t.to(like.device, dtype or t.dtype).repeat_interleave(n_prompts, dim=0)
+    coef = lambda t: rows(t, like.dtype)
+    return {**key, "flip": coef(key["flip"]), "full": rows(key["full"]), "partial": rows(key["partial"]),
+            "embed": coef(key["embed"]), "heads": {layer: coef(t) for layer, t in key["heads"].items()},
+            "mlps": {layer: coef(t) for layer, t in key["mlps"].items()}}
 
 
 def _add(delta, i, term):
@@ -76,7 +80,7 @@ def patch_chunk(nn, arch, ids, chunk, acts, base, src):
     """
     n_rows, start = chunk["n_rows"], chunk["start"]
     resid_start = acts[(base, "resid_pre", start)]
-    keys = [_expand(key, ids.shape[0], resid_start.device) for key in chunk["keys"]]
+    keys = [_expand(key, ids.shape[0], resid_start) for key in chunk["keys"]]
     tiled = lambda t, like: rep(t, n_rows).to(like.device)
     skip = skip_value(arch, rep(resid_start, n_rows)) if start else None
     head_receivers = {}  # layer -> indices of head receiver keys
@@ -185,6 +189,8 @@ def edge_program(nn, spec, acts=None, progress=None):
     its mean over prompts per position), ``base_ids`` (``[prompt, pos]``), ``metric`` (name),
     ``targets`` (``correct``, ``incorrect``: ``[prompt]``), ``kl_from`` (run whose logits are
     the KL reference) and ``chunks``: ``[{"start", "n_rows", "keys"}]`` (see the module docstring).
+    ``gap`` (optional): two run names; when their metrics leave no gap to normalise by
+    (`stop_for_gap`), the program returns before its chunks, with ``values`` empty.
     `acts`: a cache of the same runs made earlier (`cache_runs`), to skip caching.
 
     Returns ``{"values": [[row * prompt] per chunk], "runs": {run: metric [prompt]}}``.
@@ -200,6 +206,8 @@ def edge_program(nn, spec, acts=None, progress=None):
     targets = with_clean_logprobs(spec["targets"], acts[(spec["kl_from"], "logits")])
     runs = {key[0]: metric(spec["metric"], logits, targets)
             for key, logits in acts.items() if key[1] == "logits"}
+    if stop_for_gap(spec, runs):
+        return {"values": [], "runs": runs}
     values = []
     for chunk in spec["chunks"]:
         logits = patch_chunk(nn, arch, spec["base_ids"], chunk, acts, spec["base"], src)

@@ -5,8 +5,8 @@ Torch-only (see the package docstring): this module runs on the server too.
 
 import torch
 
-from .common import (at, block, cache_pass, first, metric, point, read, rep, repeat_targets, skip_value, unview, view,
-                     with_clean_logprobs, write)
+from .common import (at, block, cache_pass, first, metric, point, read, rep, repeat_targets, skip_value, stop_for_gap,
+                     unview, upcast, view, with_clean_logprobs, write)
 
 
 def cache_runs(nn, arch, runs):
@@ -80,7 +80,9 @@ def patch_program(nn, spec, progress=None):
     `spec`: ``arch``, ``runs`` (see `cache_runs`), ``base``/``source`` run names, ``base_ids``
     (``[prompt, pos]``), ``base_embeds``, ``metric`` (name), ``targets`` (``correct``,
     ``incorrect``: ``[prompt]``), ``kl_from`` (run whose logits are the KL reference) and
-    ``chunks``: ``[{"start", "n_rows", "writes"}]``.
+    ``chunks``: ``[{"start", "n_rows", "writes"}]``. ``gap`` (optional): two run
+    names; when their metrics leave no gap to normalise by (`stop_for_gap`), the program returns
+    before its chunks, with ``values`` empty.
 
     Returns ``{"values": [[row * prompt] per chunk], "runs": {run: metric [prompt]}}``.
     """
@@ -89,6 +91,8 @@ def patch_program(nn, spec, progress=None):
     targets = with_clean_logprobs(spec["targets"], acts[(spec["kl_from"], "logits")])
     runs = {key[0]: metric(spec["metric"], logits, targets)
             for key, logits in acts.items() if key[1] == "logits"}
+    if stop_for_gap(spec, runs):
+        return {"values": [], "runs": runs}
     values = []
     for chunk in spec["chunks"]:
         logits = patch_chunk(nn, arch, spec["base_ids"], chunk["n_rows"], chunk["start"], acts, spec["base"],
@@ -104,7 +108,7 @@ def answer_program(nn, arch, prompts, answers):
     softmax probability and the top-1 token at the last position, ``[prompt]`` each."""
     probs, top = [], []
     for i, ids in enumerate(prompts):
-        logits = cache_pass(nn, arch, ids, (i,), ())[(i, "logits")][0].float()
+        logits = upcast(cache_pass(nn, arch, ids, (i,), ())[(i, "logits")][0])
         probs.append(logits.softmax(-1)[answers[i]])
         top.append(logits.argmax())
     return {"prob": torch.stack(probs), "top": torch.stack(top)}

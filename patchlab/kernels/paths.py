@@ -14,8 +14,8 @@ slices and ``[row * prompt, pos, d_model]`` otherwise.
 
 import torch
 
-from .common import (at, block, metric, mlp_in_point, module, point, rep, repeat_targets, skip_value, unview, view,
-                     with_clean_logprobs)
+from .common import (at, block, metric, mlp_in_point, module, point, rep, repeat_targets, skip_value, stop_for_gap,
+                     unview, view, with_clean_logprobs)
 from .patching import cache_runs
 
 
@@ -157,7 +157,9 @@ def path_program(nn, spec, progress=None, acts=None):
     ``freeze_mlps``, ``stages`` (pass 1 then each hop: ``{"receivers", "start", "live"}``; the
     last stage's receivers are those of every set; hop ``start``/``live`` as in `record`),
     ``receiver_sets`` (``[{"receivers", "start"}]``) and ``chunks`` (``[{"n_rows", "start",
-    "heads", "mlps"}]``, the senders as in `record`). `acts`: the runs' cache, when already computed.
+    "heads", "mlps"}]``, the senders as in `record`). ``gap`` (optional): two run
+    names; when their metrics leave no gap to normalise by (`stop_for_gap`), the program returns
+    before its chunks, with ``values`` empty. `acts`: the runs' cache, when already computed.
 
     Returns ``{"values": [[set, row * prompt] per chunk], "runs": {run: metric [prompt]}}``.
     """
@@ -165,6 +167,8 @@ def path_program(nn, spec, progress=None, acts=None):
         acts = cache_runs(nn, spec["arch"], spec["runs"])
     targets = with_clean_logprobs(spec["targets"], acts[(spec["kl_from"], "logits")])
     runs = {key[0]: metric(spec["metric"], logits, targets) for key, logits in acts.items() if key[1] == "logits"}
+    if stop_for_gap(spec, runs):
+        return {"values": [], "runs": runs}
     values = []
     for chunk in spec["chunks"]:
         repeated = repeat_targets(targets, chunk["n_rows"])
