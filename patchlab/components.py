@@ -131,11 +131,11 @@ class Component:
         if head is not None and head < 0:
             raise ValueError(f"head must be >= 0, got {head}")
         if pos is not None:
-            if isinstance(pos, str) or (not isinstance(pos, Iterable) and not hasattr(pos, "__index__")):
+            if isinstance(pos, str):
                 raise TypeError(f"Component pos must be an int, an iterable of ints or None, got {pos!r}; a named "
                                 "position is a dataset's: look it up with dataset.tokenize(tokenizer).positions[name]")
-            pos = (as_index(pos, "Component pos"),) if not isinstance(pos, Iterable) else \
-                tuple(sorted({as_index(p, "Component pos") for p in pos}))
+            single = not isinstance(pos, Iterable) or getattr(pos, "ndim", None) == 0  # 0-d arrays are iterable
+            pos = tuple(sorted({as_index(p, "Component pos") for p in ([pos] if single else pos)}))
             if not pos:
                 raise ValueError("pos is an empty set; use None for all positions")
             if pos[0] < 0:
