@@ -102,7 +102,7 @@ def _attribute(model, dataset, *, steps, method, metric, direction, per_position
     graph = Graph.from_model(model, n_pos=tokens.n_pos if per_position else None)
     # The gradient pass is also the base run (its alpha = 0 rows): two forward passes in all.
     spec = {"arch": model.arch(), "base_ids": base_ids, "source_ids": source_ids, "steps": steps,
-            "metric": metric.value, "targets": {"correct": tokens.correct_ids, "incorrect": tokens.incorrect_ids},
+            "metric": metric.spec, "targets": {"correct": tokens.correct_ids, "incorrect": tokens.incorrect_ids},
             "clean_is_base": noising, "receivers": _program_order(graph),
             "reach": [len(graph.senders_into(node)) for node, _ in graph.receivers], "per_position": per_position}
     result = execute(model, kattribution.attribution_program, spec, remote=remote)

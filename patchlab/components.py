@@ -11,7 +11,9 @@ Dimension vocabulary used across patchlab results:
 - ``layer``: decoder block index, 0-based.
 - ``head``: attention head index within a layer (query heads; for the ``k`` and
   ``v`` sites of grouped-query models, key/value heads).
-- ``pos``: token position, 0-based from the left of the prompt.
+- ``pos``: token position, 0-based from the left of the prompt. A `Component` may also name
+  positions symbolically, resolved against a dataset when it runs (`Component.resolve`): a
+  dataset's position name (``"S2"``) or an offset from the end (``-1`` is the last token).
 - ``prompt``: index of the prompt pair in the dataset.
 - ``component``: a `Component` label, for sweeps over arbitrary component lists.
 """
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import numpy as np
 
@@ -88,8 +90,14 @@ class Site(Choice):
 
 _SITE_ORDER = {site: i for i, site in enumerate(Site)}
 
-Positions = tuple[int, ...] | None
-"""Token positions a component covers: a sorted tuple of indices, or None for all."""
+Positions = tuple[int | str, ...] | None
+"""Token positions a component covers: a sorted tuple (indices >= 0 from the left, offsets < 0 from
+the end, position names), or None for all."""
+
+
+def _pos_key(p: int | str) -> tuple:
+    """Order within a position tuple: indices from the left, then offsets from the end, then names."""
+    return (2, p) if isinstance(p, str) else (0, p) if p >= 0 else (1, p)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -101,15 +109,17 @@ class Component:
         layer: 0-based decoder block index.
         head: head index for per-head sites (`Site.Q`, `Site.K`, `Site.V`,
             `Site.HEAD`); must be None for the others.
-        pos: the token positions covered: an int, an iterable of ints, or None
-            for all positions. Stored as a sorted tuple (or None).
+        pos: the token positions covered: one position or an iterable of them, or None
+            for all positions. A position is an index from the left (``0``), an offset from
+            the end (``-1``: the last token), or a position name of the dataset (``"S2"``);
+            the last two are resolved per dataset by `resolve`. Stored as a sorted tuple (or None).
 
     Raises:
         ValueError: an unknown site (the message lists the sites), a negative
-            layer/head/position, a head on a non-head site, a missing head on a head
-            site, or an empty set of positions.
-        TypeError: a layer, head or position that is not an integer (``1.5``, ``True``,
-            ``"S2"``): nothing is truncated.
+            layer/head, a head on a non-head site, a missing head on a head
+            site, an empty set of positions or an empty position name.
+        TypeError: a layer, head or position that is not an integer or a name (``1.5``,
+            ``True``): nothing is truncated.
     """
 
     site: Site
@@ -118,7 +128,7 @@ class Component:
     pos: Positions = None
 
     def __init__(self, *, site: Site | str, layer: int, head: int | None = None,
-                 pos: int | Iterable[int] | None = None) -> None:
+                 pos: int | str | Iterable[int | str] | None = None) -> None:
         site = Site(site)
         layer = as_index(layer, "Component layer")
         head = None if head is None else as_index(head, "Component head")
@@ -131,15 +141,10 @@ class Component:
         if head is not None and head < 0:
             raise ValueError(f"head must be >= 0, got {head}")
         if pos is not None:
-            if isinstance(pos, str):
-                raise TypeError(f"Component pos must be an int, an iterable of ints or None, got {pos!r}; a named "
-                                "position is a dataset's: look it up with dataset.tokenize(tokenizer).positions[name]")
-            single = not isinstance(pos, Iterable) or getattr(pos, "ndim", None) == 0  # 0-d arrays are iterable
-            pos = tuple(sorted({as_index(p, "Component pos") for p in ([pos] if single else pos)}))
+            single = isinstance(pos, str) or not isinstance(pos, Iterable) or getattr(pos, "ndim", None) == 0
+            pos = tuple(sorted({_position(p) for p in ([pos] if single else pos)}, key=_pos_key))
             if not pos:
                 raise ValueError("pos is an empty set; use None for all positions")
-            if pos[0] < 0:
-                raise ValueError(f"positions must be >= 0 (count from the left), got {pos[0]}")
         object.__setattr__(self, "site", site)
         object.__setattr__(self, "layer", layer)
         object.__setattr__(self, "head", head)
@@ -148,7 +153,7 @@ class Component:
     @property
     def sort_key(self) -> tuple:
         return (self.layer, self.site.order, -1 if self.head is None else self.head,
-                () if self.pos is None else self.pos)
+                () if self.pos is None else tuple(_pos_key(p) for p in self.pos))
 
     def __lt__(self, other: "Component") -> bool:
         if not isinstance(other, Component):
@@ -168,9 +173,51 @@ class Component:
             return base
         return base + "@" + ",".join(str(p) for p in self.pos)
 
-    def at(self, pos: int | Iterable[int] | None) -> "Component":
+    def at(self, pos: int | str | Iterable[int | str] | None) -> "Component":
         """The same component at other positions."""
         return Component(site=self.site, layer=self.layer, head=self.head, pos=pos)
 
+    @property
+    def symbolic(self) -> bool:
+        """Whether some position is a name or an offset from the end (see `resolve`)."""
+        return self.pos is not None and any(isinstance(p, str) or p < 0 for p in self.pos)
+
+    def resolve(self, names: Mapping[str, int], n_pos: int) -> "Component":
+        """The same component with every position as an index from the left.
+
+        Args:
+            names: the dataset's named positions (``TokenizedPairs.positions``).
+            n_pos: tokens per prompt; offset ``-k`` is index ``n_pos - k``.
+
+        Raises:
+            ValueError: a name the dataset does not have (the message lists its names), or a
+                position outside ``0..n_pos-1`` / ``-n_pos..-1``.
+        """
+        if not self.symbolic:
+            return self
+        out = []
+        for p in self.pos:
+            if isinstance(p, str):
+                if p not in names:
+                    raise ValueError(f"{self.label}: {p!r} is not a named position of this dataset; its names are "
+                                     f"{dict(names)} (or give an index 0..{n_pos - 1}, or -1 for the last token)")
+                p = names[p]
+            elif p < 0:
+                if p < -n_pos:
+                    raise ValueError(f"{self.label}: offset {p} from the end is out of range for {n_pos}-token "
+                                     f"prompts (offsets -{n_pos}..-1)")
+                p = n_pos + p
+            out.append(p)
+        return self.at(out)
+
     def __repr__(self) -> str:
         return f"Component({self.label})"
+
+
+def _position(p) -> int | str:
+    """One position as an int (from the left if >= 0, from the end if < 0) or a non-empty name."""
+    if isinstance(p, str):
+        if not p:
+            raise ValueError("a position name must be a non-empty string")
+        return p
+    return as_index(p, "Component pos")

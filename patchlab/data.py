@@ -98,8 +98,9 @@ class PromptPair:
         corrupted: the same prompt with the information the behaviour needs
             replaced; it must tokenize to as many tokens as `clean`.
         correct: answer token text for the clean prompt, e.g. " Mary" (the
-            leading space is part of the token).
-        incorrect: the competing answer token text, e.g. " John".
+            leading space is part of the token), or a set of them, e.g. ``(" I", " As")``:
+            metrics then combine the set (logsumexp of logits, sum of probabilities).
+        incorrect: the competing answer token text, e.g. " John", or a set of them.
         positions: named token positions, e.g. ``{"IO": 2, "S1": 4, "S2": 10,
             "END": 14}``: 0-based indices into the tokenized clean prompt, as
             tokenized with the tokenizer's default special tokens (a BOS the
@@ -112,24 +113,49 @@ class PromptPair:
 
     clean: str
     corrupted: str
-    correct: str
-    incorrect: str
+    correct: str | tuple[str, ...]
+    incorrect: str | tuple[str, ...]
     positions: Mapping[str, int] = field(default_factory=NamedPositions)
 
     def __post_init__(self) -> None:
-        for name in ("clean", "corrupted", "correct", "incorrect"):
+        for name in ("clean", "corrupted"):
             value = getattr(self, name)
             if not isinstance(value, str) or not value:
                 raise DatasetError(f"PromptPair.{name} must be a non-empty string, got {value!r}")
-        if self.correct == self.incorrect:
-            raise DatasetError(f"PromptPair.correct and .incorrect are both {self.correct!r}; "
-                               "give two different answer tokens")
+        for name in ("correct", "incorrect"):
+            object.__setattr__(self, name, _answers(getattr(self, name), name))
+        shared = set(answer_texts(self.correct)) & set(answer_texts(self.incorrect))
+        if shared:
+            raise DatasetError(f"PromptPair.correct and .incorrect both hold {sorted(shared)[0]!r}; "
+                               "give different answer tokens")
         object.__setattr__(self, "positions", NamedPositions(self.positions))
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready dict with the keys in a fixed order."""
-        return {"clean": self.clean, "corrupted": self.corrupted, "correct": self.correct,
-                "incorrect": self.incorrect, "positions": dict(self.positions)}
+        listed = lambda a: a if isinstance(a, str) else list(a)  # noqa: E731
+        return {"clean": self.clean, "corrupted": self.corrupted, "correct": listed(self.correct),
+                "incorrect": listed(self.incorrect), "positions": dict(self.positions)}
+
+
+def answer_texts(answers: str | tuple[str, ...]) -> tuple[str, ...]:
+    """A pair's answer (set) as a tuple of texts."""
+    return (answers,) if isinstance(answers, str) else answers
+
+
+def _answers(value, name: str) -> str | tuple[str, ...]:
+    """One answer text, or a set of them as a tuple in the order given (a set of one is its text)."""
+    if isinstance(value, str):
+        items = [value]
+    elif isinstance(value, (list, tuple)):
+        items = list(value)
+    else:
+        raise DatasetError(f"PromptPair.{name} must be a non-empty string or a list/tuple of them, got {value!r}")
+    if not items or any(not isinstance(v, str) or not v for v in items):
+        raise DatasetError(f"PromptPair.{name} must be a non-empty string or a non-empty list/tuple of non-empty "
+                           f"strings, got {value!r}")
+    if len(set(items)) != len(items):
+        raise DatasetError(f"PromptPair.{name} lists an answer twice: {items!r}")
+    return items[0] if len(items) == 1 else tuple(items)
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -139,8 +165,9 @@ class TokenizedPairs:
     Attributes:
         clean_ids: clean prompt token ids, ``[prompt, pos]``, int64.
         corrupted_ids: corrupted prompt token ids, ``[prompt, pos]``, int64.
-        correct_ids: id of the correct answer token, ``[prompt]``, int64.
-        incorrect_ids: id of the incorrect answer token, ``[prompt]``, int64.
+        correct_ids: id of the correct answer token, ``[prompt]``, int64; with answer sets
+            ``[prompt, answer]``, padded with -1.
+        incorrect_ids: id of the incorrect answer token(s), likewise.
         positions: named token positions, identical for every prompt.
         clean_tokens: readable token strings, ``[prompt][pos]`` (" Mary", not "ĠMary").
         corrupted_tokens: readable corrupted token strings, ``[prompt][pos]``.
@@ -160,9 +187,9 @@ class TokenizedPairs:
             raise DatasetError(f"clean_ids and corrupted_ids must share one [prompt, pos] shape, "
                                f"got {shape} and {tuple(self.corrupted_ids.shape)}")
         for name in ("correct_ids", "incorrect_ids"):
-            if tuple(getattr(self, name).shape) != shape[:1]:
-                raise DatasetError(f"{name} must have shape [prompt] = {shape[:1]}, "
-                                   f"got {tuple(getattr(self, name).shape)}")
+            got = tuple(getattr(self, name).shape)
+            if got[:1] != shape[:1] or len(got) not in (1, 2):
+                raise DatasetError(f"{name} must have shape [prompt] = {shape[:1]} (or [prompt, answer]), got {got}")
         object.__setattr__(self, "positions", NamedPositions(self.positions))
 
     @property
@@ -281,14 +308,9 @@ class PromptPairDataset:
         clean_ids, corrupted_ids, correct_ids, incorrect_ids = [], [], [], []
         first = self.pairs[0]
         for i, pair in enumerate(self.pairs):
-            correct_ids.append(_single_token(tokenizer, pair.correct, "correct", i, pair))
-            incorrect_ids.append(_single_token(tokenizer, pair.incorrect, "incorrect", i, pair))
-            if correct_ids[-1] == incorrect_ids[-1]:
-                raise DatasetError(
-                    f"prompt {i} ({pair.clean!r}): the correct answer {pair.correct!r} and the incorrect answer "
-                    f"{pair.incorrect!r} are different texts but the same token (id {correct_ids[-1]}, "
-                    f"{_readable(tokenizer, [correct_ids[-1]])[0]!r}), so every logit difference would be 0; "
-                    "fix: use answers that this tokenizer keeps apart (check that neither is an unknown token)")
+            correct_ids.append(_answer_ids(tokenizer, pair.correct, "correct", i, pair))
+            incorrect_ids.append(_answer_ids(tokenizer, pair.incorrect, "incorrect", i, pair))
+            _check_answer_ids(tokenizer, pair, i, correct_ids[-1], incorrect_ids[-1])
             clean = list(tokenizer(pair.clean)["input_ids"])
             corrupted = list(tokenizer(pair.corrupted)["input_ids"])
             if len(clean) != len(corrupted):
@@ -314,8 +336,8 @@ class PromptPairDataset:
         return TokenizedPairs(
             clean_ids=torch.tensor(clean_ids, dtype=torch.long),
             corrupted_ids=torch.tensor(corrupted_ids, dtype=torch.long),
-            correct_ids=torch.tensor(correct_ids, dtype=torch.long),
-            incorrect_ids=torch.tensor(incorrect_ids, dtype=torch.long),
+            correct_ids=_answer_tensor(correct_ids, incorrect_ids),
+            incorrect_ids=_answer_tensor(incorrect_ids, correct_ids),
             positions=first.positions,
             clean_tokens=tuple(_readable(tokenizer, ids) for ids in clean_ids),
             corrupted_tokens=tuple(_readable(tokenizer, ids) for ids in corrupted_ids),
@@ -365,9 +387,10 @@ def _pair_from_json(obj: dict, where: str) -> PromptPair:
         raise DatasetError(f"{where}: unknown field {unknown[0]!r}; each pair has exactly "
                            f"{', '.join(_PAIR_FIELDS)}")
     for key in _PAIR_FIELDS[:4]:
-        if not isinstance(obj[key], str):
-            raise DatasetError(f"{where}: field {key!r} must be a string, "
-                               f"got {type(obj[key]).__name__}")
+        value = obj[key]
+        if not isinstance(value, str) and not (key in ("correct", "incorrect") and isinstance(value, list)):
+            raise DatasetError(f"{where}: field {key!r} must be a string{'' if key in ('clean', 'corrupted') else ' or a list of strings'}, "
+                               f"got {type(value).__name__}")
     if not isinstance(obj["positions"], dict):
         raise DatasetError(f"{where}: field 'positions' must be an object mapping names to "
                            f"token indices, got {type(obj['positions']).__name__}")
@@ -375,6 +398,34 @@ def _pair_from_json(obj: dict, where: str) -> PromptPair:
         return PromptPair(**obj)
     except DatasetError as e:
         raise DatasetError(f"{where}: {e}") from None
+
+
+def _answer_ids(tokenizer, answers, role: str, i: int, pair: PromptPair) -> list[int]:
+    return [_single_token(tokenizer, text, role, i, pair) for text in answer_texts(answers)]
+
+
+def _check_answer_ids(tokenizer, pair: PromptPair, i: int, correct: list[int], incorrect: list[int]) -> None:
+    texts = {}
+    for role, answers, ids in (("correct", pair.correct, correct), ("incorrect", pair.incorrect, incorrect)):
+        for text, token in zip(answer_texts(answers), ids):
+            if token in texts:
+                other_role, other = texts[token]
+                what = ("the correct answer {0!r} and the incorrect answer {1!r}" if other_role != role
+                        else "the " + role + " answers {0!r} and {1!r}")
+                raise DatasetError(
+                    f"prompt {i} ({pair.clean!r}): {what.format(other, text)} are different texts but the same "
+                    f"token (id {token}, {_readable(tokenizer, [token])[0]!r}), so "
+                    f"{'every logit difference would be 0' if other_role != role else 'the set counts it twice'}; "
+                    "fix: use answers that this tokenizer keeps apart (check that neither is an unknown token)")
+            texts[token] = (role, text)
+
+
+def _answer_tensor(ids: list[list[int]], other: list[list[int]]) -> torch.Tensor:
+    """``[prompt]`` when every pair has single answers, else ``[prompt, answer]`` padded with -1."""
+    if all(len(a) == 1 for a in ids + other):
+        return torch.tensor([a[0] for a in ids], dtype=torch.long)
+    width = max(len(a) for a in ids)
+    return torch.tensor([a + [-1] * (width - len(a)) for a in ids], dtype=torch.long)
 
 
 def _single_token(tokenizer, text: str, role: str, i: int, pair: PromptPair) -> int:

@@ -145,7 +145,7 @@ def edge_patch_rows(model: PatchModel, graph: Graph, *, tokens: TokenizedPairs, 
     chunks = chunk_rows(starts, rows_per_chunk(model, n_prompts, n_pos, memory_mb), weights)
     targets = pair_targets(tokens)
     spec = {"arch": model.arch(), "runs": pass_specs([run_pair(tokens)], graph_cache_sites(model)), "base": base, "source": source,
-            "ablation": ablation, "base_ids": base_ids, "metric": metric.value, "kl_from": "clean", "gap": gap,
+            "ablation": ablation, "base_ids": base_ids, "metric": metric.spec, "kl_from": "clean", "gap": gap,
             "targets": {"correct": targets.correct, "incorrect": targets.incorrect},
             "chunks": [{"start": starts[chunk[0]], "n_rows": len(chunk),
                         "keys": _plan(model, graph, [rows[r] for r in chunk], [summaries[r][1] for r in chunk], n_pos)}

@@ -2,7 +2,9 @@
 
 A metric maps final-position logits ``[batch, vocab]`` and per-row targets to one
 value per row ``[batch]``. Metrics are torch-only, so they can run inside a trace
-(locally or on a remote server). Sources: Zhang & Nanda 2023, "Towards Best
+(locally or on a remote server). Answers may be sets (``PromptPair(correct=(" I", " As"))``):
+a set's logit is the logsumexp of its tokens' logits, its probability their sum. A user function
+``f(logits [batch, vocab], targets) -> [batch]`` is a metric too (`MetricFunction`). Sources: Zhang & Nanda 2023, "Towards Best
 Practices of Activation Patching" (arXiv 2309.16042) recommend the logit
 difference; probability hides negative components.
 
@@ -26,13 +28,14 @@ NaN, infinite or noise scores.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from ._choices import Choice
 from .kernels import common as K
 
-__all__ = ["Metric", "Targets", "Direction", "get_metric", "score_formula", "normalised_score", "BaselineGapError",
+__all__ = ["Metric", "MetricFunction", "Targets", "Direction", "get_metric", "score_formula", "normalised_score", "BaselineGapError",
            "check_gap"]
 
 
@@ -50,8 +53,9 @@ class Targets:
     """What a metric compares against, one row per batch row.
 
     Attributes:
-        correct: correct answer token ids, ``[batch]``.
-        incorrect: incorrect answer token ids, ``[batch]``.
+        correct: correct answer token ids, ``[batch]``, or ``[batch, answer]`` for answer sets
+            (padded with -1).
+        incorrect: incorrect answer token ids, likewise.
         clean_logprobs: log-probabilities of the clean run at the final position,
             ``[batch, vocab]``; needed by the KL metric only.
     """
@@ -62,25 +66,40 @@ class Targets:
 
     def repeat(self, n: int) -> "Targets":
         """Targets for a batch made of `n` copies of the prompts (row = copy * n_prompts + prompt)."""
-        lp = None if self.clean_logprobs is None else self.clean_logprobs.repeat(n, 1)
-        return Targets(correct=self.correct.repeat(n), incorrect=self.incorrect.repeat(n), clean_logprobs=lp)
+        t = K.repeat_targets({"correct": self.correct, "incorrect": self.incorrect,
+                              "clean_logprobs": self.clean_logprobs}, n)
+        return Targets(**t)
 
 
 class Metric(Choice):
     """A metric of the final position's logits. Call it: ``Metric.LOGIT_DIFF(logits, targets)``."""
 
     LOGIT_DIFF = "logit_diff"
-    """Correct minus incorrect answer logit, in nats (a log-odds ratio)."""
+    """Correct minus incorrect answer logit, in nats (a log-odds ratio); for answer sets,
+    logsumexp of the correct logits minus logsumexp of the incorrect ones."""
     LOGPROB = "logprob"
-    """Log-probability of the correct answer, in nats."""
+    """Log-probability of the correct answer (set), in nats."""
     PROB = "prob"
-    """Probability of the correct answer."""
+    """Probability of the correct answer (the sum over a set)."""
     KL = "kl"
     """KL(clean || patched) of the next-token distributions, in nats; 0 on the clean run."""
+    LOG_ODDS = "log_odds"
+    """log P(correct) - log(1 - P(correct)), in nats: Arditi et al. 2024's refusal score with the
+    refusal openers as the correct set (arXiv 2406.11717)."""
 
     @property
     def units(self) -> str:
         return "probability" if self is Metric.PROB else "nats"
+
+    @property
+    def formula(self) -> str:
+        """The metric's formula, as recorded in result attrs."""
+        return _FORMULAS[self]
+
+    @property
+    def spec(self) -> str:
+        """What a kernel program receives: the name."""
+        return self.value
 
     def __call__(self, logits: torch.Tensor, targets: Targets) -> torch.Tensor:
         """Metric per row, ``[batch]``, from final-position logits ``[batch, vocab]``."""
@@ -90,12 +109,93 @@ class Metric(Choice):
                                              "clean_logprobs": targets.clean_logprobs})
 
 
-def get_metric(metric: "Metric | str") -> Metric:
-    """A `Metric` from itself or its name ("logit_diff", "logprob", "prob", "kl").
+_FORMULAS = {
+    Metric.LOGIT_DIFF: "logsumexp(logits[correct]) - logsumexp(logits[incorrect]) at the final position "
+                       "(correct minus incorrect logit for single answers), nats",
+    Metric.LOGPROB: "logsumexp(log_softmax(logits)[correct]) at the final position, nats",
+    Metric.PROB: "sum(softmax(logits)[correct]) at the final position, probability",
+    Metric.KL: "sum(p_clean * (log p_clean - log p)) over the vocabulary at the final position, nats",
+    Metric.LOG_ODDS: "log P(correct) - log(1 - P(correct)), P(correct) = sum(softmax(logits)[correct]) at the "
+                     "final position, nats",
+}
+
+
+@dataclass(frozen=True)
+class MetricFunction:
+    """A user metric: ``fn(logits, targets) -> [batch]``.
+
+    ``logits`` are the final position's, ``[batch, vocab]`` (in at least float32); ``targets`` a
+    dict of ``correct`` and ``incorrect`` token ids (``[batch]``, or ``[batch, answer]`` padded with
+    -1 for answer sets) and ``clean_logprobs`` (``[batch, vocab]``). Torch-only code, so it can
+    travel to a remote server (a function of ``__main__`` or of a module patchlab registers for
+    that, `patchlab.remote`). It must be differentiable for attribution patching (EAP).
+
+    Attributes:
+        fn: the function; name: its name in results (default ``fn.__name__``); units: of its values.
+    """
+
+    fn: Callable
+    name: str = ""
+    units: str = "custom"
+
+    def __post_init__(self) -> None:
+        if not callable(self.fn):
+            raise TypeError(f"a metric function must be callable, got {self.fn!r}")
+        if not self.name:
+            object.__setattr__(self, "name", getattr(self.fn, "__name__", "metric"))
+
+    @property
+    def value(self) -> str:
+        return self.name
+
+    @property
+    def formula(self) -> str:
+        doc = (getattr(self.fn, "__doc__", None) or "").strip().splitlines()
+        where = f"{getattr(self.fn, '__module__', '?')}.{getattr(self.fn, '__qualname__', self.name)}"
+        return f"user function {where}" + (f": {doc[0]}" if doc else "")
+
+    @property
+    def spec(self) -> Callable:
+        """What a kernel program receives: the function itself."""
+        return self.fn
+
+    def __call__(self, logits: torch.Tensor, targets: Targets) -> torch.Tensor:
+        return K.metric(self.fn, logits, {"correct": targets.correct, "incorrect": targets.incorrect,
+                                          "clean_logprobs": targets.clean_logprobs})
+
+    def check(self, vocab_size: int, targets: Targets) -> None:
+        """Call the function on random logits for two rows and refuse a result that is not ``[2]``.
+
+        Raises:
+            ValueError: the function failed, or returned the wrong shape; the message says what it must return.
+        """
+        n = min(2, int(targets.correct.shape[0]))
+        logits = torch.randn(n, vocab_size, generator=torch.Generator().manual_seed(0))
+        t = Targets(correct=targets.correct[:n], incorrect=targets.incorrect[:n],
+                    clean_logprobs=torch.log_softmax(logits, -1))
+        try:
+            out = self(logits, t)
+        except Exception as error:
+            raise ValueError(f"the metric function {self.name!r} failed on logits [{n}, {vocab_size}]: "
+                             f"{type(error).__name__}: {error}. It is called as fn(logits [batch, vocab], targets) "
+                             "with targets a dict of 'correct', 'incorrect' and 'clean_logprobs'") from error
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != (n,):
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"the metric function {self.name!r} returned {shape} for logits [{n}, {vocab_size}]; "
+                             f"it must return a tensor of one value per row, [batch] = ({n},)")
+
+
+def get_metric(metric: "Metric | str | Callable") -> "Metric | MetricFunction":
+    """A `Metric` from itself or its name ("logit_diff", "logprob", "prob", "kl", "log_odds"), or a
+    `MetricFunction` from a function.
 
     Raises:
         ValueError: unknown name; the message lists the known ones.
     """
+    if isinstance(metric, (Metric, MetricFunction)):
+        return metric
+    if callable(metric) and not isinstance(metric, str):
+        return MetricFunction(metric)
     return Metric(metric)
 
 

@@ -32,7 +32,8 @@ from .data import PromptPairDataset, TokenizedPairs
 from .metrics import Direction, Metric, Targets, get_metric, normalised_score, score_formula
 from .models import PatchModel, takes_model
 from .provenance import provenance_attrs
-from .runner import CachePass, check_range, patch_rows
+from .interventions import Patch
+from .runner import CachePass, check_range, run_rows
 
 __all__ = ["patch_components", "patch_layer_pos", "patch_heads"]
 
@@ -73,7 +74,7 @@ def patch_layer_pos(model: PatchModel, dataset: PromptPairDataset, *, site: Site
                          f"for {site.value!r} use patch_heads")
     tokens = tokenize_for(model, dataset)
     layers, positions = _layers(model, layers), _positions(tokens, positions)
-    grid = [Component(site=site, layer=layer, pos=p) for layer in layers for p in positions]
+    grid = [(Component(site=site, layer=layer, pos=p),) for layer in layers for p in positions]
     values, base = _run(model, tokens, grid, metric, direction, progress, memory_mb, remote)
     patched = values.reshape(len(layers), len(positions), -1)
     return result_dataset(model, dataset, tokens, base, patched, ("layer", "pos"),
@@ -109,7 +110,7 @@ def patch_heads(model: PatchModel, dataset: PromptPairDataset, *, site: Site | s
     layers = _layers(model, layers)
     heads = list(range(model.layout.n_heads_at(site)))
     positions = list(range(tokens.n_pos)) if per_position else [None]
-    grid = [Component(site=site, layer=layer, head=h, pos=p)
+    grid = [(Component(site=site, layer=layer, head=h, pos=p),)
             for layer, h, p in itertools.product(layers, heads, positions)]
     values, base = _run(model, tokens, grid, metric, direction, progress, memory_mb, remote)
     dims, coords = ("layer", "head"), {"layer": layers, "head": heads}
@@ -123,27 +124,30 @@ def patch_heads(model: PatchModel, dataset: PromptPairDataset, *, site: Site | s
 
 
 @takes_model
-def patch_components(model: PatchModel, dataset: PromptPairDataset, components: Sequence[Component], *,
+def patch_components(model: PatchModel, dataset: PromptPairDataset, components: Sequence, *,
                      metric: Metric | str = Metric.LOGIT_DIFF, direction: Direction | str = Direction.DENOISING,
                      seed: int | None = None, progress: bool = True, memory_mb: float = 1024,
                     remote=None) -> xr.Dataset:
-    """Patch each of an arbitrary list of components, one per row (not jointly).
+    """Patch each item of a list, one row each: a `Component`, or a joint set of them (a list or
+    tuple of components patched together in one run).
 
     Args:
-        components: a list or tuple of `Component` values; each is patched on its own.
+        components: a list or tuple whose items are `Component` values or lists/tuples of them.
+            Positions may be indices, offsets from the end (``-1``) or the dataset's names ("S2").
 
     Returns:
         Dataset with ``patched`` (component, prompt), ``score`` (component),
         ``clean`` (prompt), ``corrupted`` (prompt); ``component`` coords are labels
-        such as "L9H6" with ``layer`` and ``site`` as extra coords.
+        such as "L9H6" (joint sets: "L9H6+L10H0") with ``layer`` (the earliest) and ``site``
+        as extra coords.
     """
-    components = _component_list(components)
+    rows = _component_rows(components)
     tokens = tokenize_for(model, dataset)
-    values, base = _run(model, tokens, components, metric, direction, progress, memory_mb, remote)
+    values, base = _run(model, tokens, rows, metric, direction, progress, memory_mb, remote)
     ds = result_dataset(model, dataset, tokens, base, values, ("component",),
-                  {"component": [c.label for c in components]}, "mixed", seed)
-    return ds.assign_coords(layer=("component", [c.layer for c in components]),
-                            site=("component", [c.site.value for c in components]))
+                  {"component": ["+".join(c.label for c in row) for row in rows]}, "mixed", seed)
+    return ds.assign_coords(layer=("component", [min(c.layer for c in row) for row in rows]),
+                            site=("component", ["+".join(dict.fromkeys(c.site.value for c in row)) for row in rows]))
 
 
 # ---- shared machinery -------------------------------------------------------------
@@ -155,24 +159,26 @@ def tokenize_for(model: PatchModel, dataset: PromptPairDataset) -> TokenizedPair
     return dataset.tokenize(model.tokenizer, max_length=model.layout.n_ctx)
 
 
-def _component_list(components) -> list[Component]:
-    """`components` as a list, refusing what is not an ordered collection of `Component` values."""
+def _component_rows(components) -> list[tuple[Component, ...]]:
+    """`components` as rows: a Component is a row of one, a list or tuple of them a joint row."""
     if isinstance(components, Component):
         raise TypeError(f"components must be a list of Components, got the single {components!r}: "
                         f"pass [{components!r}]")
     if isinstance(components, (set, frozenset, Mapping)) or not isinstance(components, Iterable):
         raise TypeError(f"components must be a list or tuple of Components (one row each, in the order "
                         f"given), got a {type(components).__name__}; for a set, pass sorted(components)")
-    components = list(components)
-    if not components:
-        raise ValueError("components is empty; give at least one Component")
-    for i, c in enumerate(components):
-        if not isinstance(c, Component):
+    rows = []
+    for i, item in enumerate(components):
+        row = (item,) if isinstance(item, Component) else tuple(item) if isinstance(item, (list, tuple)) else None
+        if not row or not all(isinstance(c, Component) for c in row):
             raise TypeError(
-                f"components[{i}] is a {type(c).__name__} ({c!r}), not a Component. patch_components patches "
-                "each component on its own, one result row each; a nested list would mean patching several "
-                "components jointly in one row, which patch_components does not do: flatten the list")
-    return components
+                f"components[{i}] is {item!r}: each item must be a Component (patched on its own) or a non-empty "
+                "list or tuple of Components (patched jointly, one row); for other interventions use "
+                "pl.sweep_interventions")
+        rows.append(row)
+    if not rows:
+        raise ValueError("components is empty; give at least one Component")
+    return rows
 
 
 def _layers(model: PatchModel, layers) -> list[int]:
@@ -200,14 +206,17 @@ def _listed(values) -> list | None:
     return list(values)
 
 
-def _run(model: PatchModel, tokens: TokenizedPairs, grid: list[Component], metric, direction,
+def _run(model: PatchModel, tokens: TokenizedPairs, rows: list[tuple[Component, ...]], metric, direction,
          progress: bool, memory_mb: float, remote=None):
+    """Activation patching as intervention rows: each row's components take the source run's values
+    (`patchlab.interventions.Patch`), on the one engine (`patchlab.runner.run_rows`)."""
     metric, direction = get_metric(metric), Direction(direction)
     base, source = ("corrupted", "clean") if direction is Direction.DENOISING else ("clean", "corrupted")
-    result = patch_rows(model, passes=[run_pair(tokens)], base=base, source=source,
-                        base_ids=tokens.corrupted_ids if base == "corrupted" else tokens.clean_ids,
-                        rows=[(c,) for c in grid], metric=metric, targets=pair_targets(tokens),
-                        memory_mb=memory_mb, progress=progress, remote=remote, gap=("clean", "corrupted"))
+    result = run_rows(model, passes=[run_pair(tokens)], base=base,
+                      base_ids=tokens.corrupted_ids if base == "corrupted" else tokens.clean_ids,
+                      rows=[tuple(Patch(c, source=source) for c in row) for row in rows], metric=metric,
+                      targets=pair_targets(tokens), names=tokens.positions, memory_mb=memory_mb, progress=progress,
+                      remote=remote, gap=("clean", "corrupted"))
     return result.values, {"metric": metric, "direction": direction, **result.runs}
 
 
@@ -248,7 +257,7 @@ def result_dataset(model: PatchModel, dataset: PromptPairDataset, tokens: Tokeni
     ds.attrs = provenance_attrs(
         model_id=model.model_id, model_sha256=model.weights_sha256, dataset_sha256=dataset.sha256(),
         seed=seed, git_path=Path(__file__).parent,
-        metric=metric.value, units=metric.units, direction=direction.value, site=site,
+        metric=metric.value, units=metric.units, metric_formula=metric.formula, direction=direction.value, site=site,
         dataset=dataset.name, corruption=dataset.corruption, score_formula=score_formula(direction),
         model_family=model.adapter.family, **extra_attrs)
     return ds

@@ -39,7 +39,7 @@ from typing import Any, Callable
 
 import nnsight
 
-__all__ = ["Remote", "execute", "resolve_remote", "model_key", "RemoteExecutionError", "RemoteConnectionError",
+__all__ = ["Remote", "execute", "resolve_remote", "model_key", "send_by_value", "RemoteExecutionError", "RemoteConnectionError",
            "RemoteAuthError", "RemoteJobError", "RemoteTimeoutError"]
 
 nnsight.register("patchlab.kernels")  # kernels travel by value (as source) with every request
@@ -116,6 +116,18 @@ def resolve_remote(remote: bool | str | Remote | None, default: Remote | None = 
         return Remote(host=remote.rstrip("/"))
     raise ValueError(f"remote={remote!r}: use False, True or 'ndif' (the configured NDIF host), 'local' (in-process "
                      "simulation), a host URL such as 'https://api.ndif.us', or patchlab.Remote(...)")
+
+
+_SERVER_MODULES = ("torch", "numpy", "math", "einops", "builtins", "__main__")
+"""Top-level modules a server has (``__main__`` functions already travel by value)."""
+
+
+def send_by_value(fn: Callable) -> None:
+    """Make the user function `fn` (e.g. a metric) travel with remote requests as source: its
+    module is registered with ``nnsight.register``, unless the server has it anyway."""
+    module = getattr(fn, "__module__", None)
+    if module and module.split(".")[0] not in _SERVER_MODULES:
+        nnsight.register(module)
 
 
 def model_key(model) -> str:

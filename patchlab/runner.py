@@ -1,9 +1,11 @@
-"""The runner: plans activation patching on the client and runs it as one program.
+"""The runner: plans node-level interventions on the client and runs them as one program.
 
-`patch_rows` evaluates a metric with many patch sets at once. Row ``r`` of a
-sweep patches the components ``rows[r]`` with the source run's values into the
-base run. Rows are laid out along the batch (batch index = row * n_prompts +
-prompt) and each hook point gets one vectorised ``torch.where`` write.
+`run_rows` is the one engine of node-level work: it evaluates a metric with many joint sets of
+interventions (`patchlab.interventions`) at once. Row ``r`` of a sweep applies the joint set
+``rows[r]`` to the base run. Rows are laid out along the batch (batch index = row * n_prompts +
+prompt) and each hook point gets one vectorised write per kind of operation (set, scale, steer).
+Activation patching sweeps, causal tracing and `patchlab.intervene` all build rows for it
+(`patch_rows` is its activation-patching form).
 
 The cache passes of the runs and every patched pass form one program
 (`patchlab.kernels.patching`) run by `patchlab.remote.execute`: one session here,
@@ -20,19 +22,21 @@ import math
 import numbers
 from collections import defaultdict
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from .components import Component, Site, as_index
+from .interventions import SETTING, Ablate, Ablation, At, Freeze, Intervention, Patch, Scale, Steer, joint_set
 from .kernels import patching as kpatching
-from .metrics import Metric, Targets, check_gap
+from .metrics import Metric, MetricFunction, Targets, check_gap
 from .models import PatchModel
-from .remote import execute, resolve_remote
+from .remote import execute, resolve_remote, send_by_value
 
-__all__ = ["CachePass", "PatchResult", "patch_rows", "rows_per_chunk", "chunk_rows", "chunk_progress", "pass_specs",
+__all__ = ["CachePass", "PatchResult", "run_rows", "patch_rows", "resolve_row", "derangement", "rows_per_chunk",
+           "chunk_rows", "chunk_progress", "pass_specs",
            "gather_chunks", "check_range", "check_components", "checked_gap"]
 
 
@@ -54,26 +58,30 @@ class CachePass:
 
 @dataclass(frozen=True)
 class PatchResult:
-    """Metric values of `patch_rows`: ``values`` ``[row, prompt]`` and each run's own ``runs[name]`` ``[prompt]``."""
+    """Metric values of `run_rows`: ``values`` ``[row, prompt]`` and each run's own ``runs[name]`` ``[prompt]``."""
 
     values: torch.Tensor
     runs: dict[str, torch.Tensor]
 
 
-def patch_rows(model: PatchModel, *, passes: Sequence[CachePass], base: str, source: str, base_ids: torch.Tensor,
-               rows: Sequence[tuple[Component, ...]], metric: Metric, targets: Targets, kl_from: str = "clean",
-               base_embeds: bool = False, max_rows: int | None = None, memory_mb: float = 1024,
-               progress: bool = True, remote=None, gap: tuple[str, str] | None = None) -> PatchResult:
-    """Metric of the base run with each row's components patched from the source run.
+def run_rows(model: PatchModel, *, passes: Sequence[CachePass], base: str, base_ids: torch.Tensor,
+             rows: Sequence[Sequence[Intervention]], metric: Metric, targets: Targets,
+             names: Mapping[str, int] | None = None, kl_from: str = "clean", base_embeds: bool = False,
+             max_rows: int | None = None, memory_mb: float = 1024, progress: bool = True, remote=None,
+             gap: tuple[str, str] | None = None) -> PatchResult:
+    """Metric of the base run with each row's joint set of interventions applied: the engine
+    every node-level sweep builds rows for.
 
-    Caching the runs and every patched pass form one program (`patchlab.kernels.patching`):
-    one session here, one request remotely.
+    Caching the runs and every intervened pass form one program (`patchlab.kernels.patching`):
+    one session here, one request remotely. Each row's interventions combine as
+    `patchlab.interventions` says (set, then scale, then steer, then user functions).
 
     Args:
-        passes: the cache passes that create the runs (the base and source among them).
-        base, source: names of the run patched into and of the run the values come from.
-        base_ids: the base run's tokens, ``[prompt, pos]``.
-        rows: one tuple of components per row.
+        passes: the cache passes that create the runs (the base run and every source among them;
+            mean and resample ablation read the ``corrupted`` run).
+        base: name of the run intervened on; `base_ids` its tokens, ``[prompt, pos]``.
+        rows: one joint set of `patchlab.interventions.Intervention` values per row.
+        names: the dataset's named positions, for components that name them (``pos="S2"``).
         metric: evaluated on the final position's logits; `targets` per prompt
             (``[prompt]``); KL compares with run `kl_from`.
         max_rows / memory_mb: chunk size: at most `max_rows` rows per forward pass,
@@ -88,26 +96,115 @@ def patch_rows(model: PatchModel, *, passes: Sequence[CachePass], base: str, sou
         `PatchResult`: ``values`` ``[row, prompt]`` and each run's metric.
 
     Raises:
-        ValueError: a component the model or the prompts do not have, or a bad `memory_mb`.
+        ValueError: a component the model or the prompts do not have, an unknown position name,
+            conflicting interventions in a row, a steering vector of the wrong size, a run no pass
+            creates, an `At` function with ``remote=``, or a bad `memory_mb`.
         patchlab.metrics.BaselineGapError: see `gap`.
     """
     n_prompts, n_pos = base_ids.shape
-    check_components(model, dict.fromkeys(c for row in rows for c in row), n_pos)
+    rows = [resolve_row(row, names or {}, n_pos) for row in rows]
+    check_components(model, dict.fromkeys(i.component for row in rows for i in row), n_pos)
+    run_names = {name for p in passes for name in p.names}
+    for row in rows:
+        for i in row:
+            _check_intervention(model, i, run_names | {base}, n_prompts)
+    if resolve_remote(remote, model.remote) is not None and any(isinstance(i, At) for row in rows for i in row):
+        raise ValueError("an At intervention runs a local Python function and cannot travel with remote=; express "
+                         "it with Patch, Ablate, Steer, Scale or Freeze, or run it here (remote=False)")
+    if isinstance(metric, MetricFunction):
+        metric.check(model.layout.vocab_size, targets)
+        if resolve_remote(remote, model.remote) is not None:
+            send_by_value(metric.fn)
     limit = max_rows or rows_per_chunk(model, n_prompts, n_pos, memory_mb)
     starts = [_start_layer(model, row) for row in rows]
     chunks = chunk_rows(starts, limit)
-    sites = {(Site.RESID_PRE, layer) for layer in set(starts) | {0}} | {(c.site, c.layer) for row in rows for c in row}
-    spec = {"arch": model.arch(), "base": base, "source": source, "base_ids": base_ids,
-            "base_embeds": base_embeds, "metric": metric.value, "kl_from": kl_from, "gap": gap,
+    sites = {(Site.RESID_PRE, layer) for layer in set(starts) | {0}} | \
+        {(i.component.site, i.component.layer) for row in rows for i in row if _source(i, base, n_prompts)}
+    spec = {"arch": model.arch(), "base": base, "base_ids": base_ids,
+            "base_embeds": base_embeds, "metric": metric.spec, "kl_from": kl_from, "gap": gap,
             "targets": {"correct": targets.correct, "incorrect": targets.incorrect},
             "runs": pass_specs(passes, sites),
             "chunks": [{"start": starts[chunk[0]], "n_rows": len(chunk),
-                        "writes": _plan_writes(model, [rows[r] for r in chunk], n_prompts, n_pos)} for chunk in chunks]}
+                        "writes": _plan_writes(model, [rows[r] for r in chunk], n_prompts, n_pos, base)}
+                       for chunk in chunks]}
     with chunk_progress(model, remote, len(chunks), "patching", progress) as update:
         out = execute(model, kpatching.patch_program, spec, update, remote=remote)
     checked_gap(out["runs"], gap, metric)
     return PatchResult(values=gather_chunks(chunks, out["values"], n_prompts),
                        runs={k: v.cpu() for k, v in out["runs"].items()})
+
+
+def patch_rows(model: PatchModel, *, source: str, rows: Sequence[tuple[Component, ...]], **kwargs) -> PatchResult:
+    """`run_rows` with every component of each row patched from the `source` run (activation
+    patching: `patchlab.interventions.Patch`)."""
+    return run_rows(model, rows=[tuple(Patch(c, source=source) for c in row) for row in rows], **kwargs)
+
+
+def resolve_row(row: Sequence[Intervention], names: Mapping[str, int], n_pos: int) -> tuple[Intervention, ...]:
+    """A joint set with every position resolved to an index from the left (`Component.resolve`),
+    refusing two setting interventions (`~patchlab.interventions.SETTING`) on one element.
+
+    Raises:
+        ValueError: an unknown name or out-of-range offset, or a conflict (the message names both).
+    """
+    out = tuple(i if not i.component.symbolic else replace(i, component=i.component.resolve(names, n_pos))
+                for i in joint_set(row))
+    setting: dict[tuple, list[Intervention]] = defaultdict(list)
+    for i in out:
+        if isinstance(i, SETTING):
+            c = i.component
+            key = (c.site, c.layer, c.head)
+            for other in setting[key]:
+                a, b = other.component.pos, c.pos
+                if a is None or b is None or set(a) & set(b):
+                    raise ValueError(f"{other.label} and {i.label} both set {c.site.value} at layer {c.layer}"
+                                     f"{'' if c.head is None else f' head {c.head}'} at the same positions: a joint set "
+                                     "may set each element once. Drop one, or give them disjoint positions "
+                                     "(Scale and Steer combine with a setting intervention instead)")
+            setting[key].append(i)
+    return out
+
+
+def _check_intervention(model: PatchModel, i: Intervention, runs: set, n_prompts: int) -> None:
+    c = i.component
+    if isinstance(i, Steer):
+        width = model.layout.d_head if c.site.per_head else model.layout.d_model
+        if i.vector.numel() != width:
+            raise ValueError(f"{i.label}: the vector has {i.vector.numel()} entries; {c.site.value} needs "
+                             f"[{'d_head' if c.site.per_head else 'd_model'}] = [{width}]")
+    needed = {Patch: lambda: i.source.value, Ablate: lambda: None if i.how is Ablation.ZERO else "corrupted"}
+    run = needed.get(type(i), lambda: None)()
+    if run is not None and run not in runs:
+        raise ValueError(f"{i.label} reads the {run!r} run, which this experiment does not run (runs: {sorted(runs)})")
+    if isinstance(i, Ablate) and i.seed is not None and n_prompts < 2:
+        raise ValueError(f"{i.label}: resampling from another pair needs at least 2 prompt pairs, the dataset has "
+                         f"{n_prompts}; drop seed= to resample from the same pair")
+
+
+def _source(i: Intervention, base: str, n_prompts: int) -> tuple | None:
+    """Where a setting intervention's value comes from, as the kernel reads it (None: not a setting one):
+    ``("run", name)``, ``("mean", name)``, ``("perm", name, seed)`` or ``("zero",)``."""
+    if isinstance(i, Patch):
+        return ("run", i.source.value)
+    if isinstance(i, Freeze):
+        return ("run", base)
+    if isinstance(i, Ablate):
+        if i.how is Ablation.ZERO:
+            return ("zero",)
+        if i.how is Ablation.MEAN:
+            return ("mean", "corrupted")
+        return ("run", "corrupted") if i.seed is None else ("perm", "corrupted", i.seed)
+    return None
+
+
+def derangement(n: int, seed: int) -> torch.Tensor:
+    """A seeded random permutation of ``0..n-1`` without fixed points (n >= 2): prompt ``p``
+    takes prompt ``perm[p]``'s values."""
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        perm = torch.randperm(n, generator=generator)
+        if not (perm == torch.arange(n)).any():
+            return perm
 
 
 def checked_gap(runs: dict, gap: tuple[str, str] | None, metric: Metric) -> None:
@@ -215,29 +312,51 @@ def rows_per_chunk(model: PatchModel, n_prompts: int, n_pos: int, memory_mb: flo
     return max(1, math.floor(memory_mb * 2**20 / (bytes_per_sequence * n_prompts)))
 
 
-def _start_layer(model: PatchModel, row: tuple[Component, ...]) -> int:
-    return min(model.adapter.write_point(c.site, c.layer).layer for c in row)
+def _start_layer(model: PatchModel, row: Sequence[Intervention]) -> int:
+    return min(model.adapter.write_point(i.component.site, i.component.layer).layer for i in row)
 
 
-def _plan_writes(model: PatchModel, rows, n_prompts: int, n_pos: int) -> list:
-    """``[(hook point, [(site, mask [row * prompt, pos(, head)], layer), ...]), ...]`` in forward order."""
+def _plan_writes(model: PatchModel, rows: Sequence[Sequence[Intervention]], n_prompts: int, n_pos: int,
+                 base: str) -> list:
+    """``[(hook point, [(site, layer, ops), ...]), ...]`` in forward order; ``ops`` holds, over the batch
+    ``[row * prompt, pos(, head)]``: ``set`` (``[(mask, source)]``), ``mul`` (factors, or None),
+    ``add`` (``[(coefficients, vector)]``) and ``at`` (``[(fn, batch index, head, pos index)]``)."""
     layout = model.layout
     n_rows = len(rows)
-    masks: dict[tuple[Site, int], torch.Tensor] = {}
+    plans: dict[tuple[Site, int], dict] = {}
     for r, row in enumerate(rows):
-        for c in row:
+        for i in row:
+            c = i.component
             key = (c.site, c.layer)
-            if key not in masks:
-                shape = (n_rows, n_prompts, n_pos) + ((layout.n_heads_at(c.site),) if c.site.per_head else ())
-                masks[key] = torch.zeros(shape, dtype=torch.bool)
-            pos = slice(None) if c.pos is None else list(c.pos)
-            if c.site.per_head:
-                masks[key][r, :, pos, c.head] = True
-            else:
-                masks[key][r, :, pos] = True
+            shape = (n_rows, n_prompts, n_pos) + ((layout.n_heads_at(c.site),) if c.site.per_head else ())
+            plan = plans.setdefault(key, {"shape": shape, "set": {}, "mul": None, "add": {}, "at": []})
+            index = (r, slice(None), slice(None) if c.pos is None else list(c.pos)) + \
+                ((c.head,) if c.site.per_head else ())
+            source = _source(i, base, n_prompts)
+            if source is not None:
+                plan["set"].setdefault(source, torch.zeros(shape, dtype=torch.bool))[index] = True
+            elif isinstance(i, Scale):
+                if plan["mul"] is None:
+                    plan["mul"] = torch.ones(shape, dtype=torch.float64)
+                plan["mul"][index] *= i.factor
+            elif isinstance(i, Steer):
+                coef, _ = plan["add"].setdefault(i.digest, (torch.zeros(shape, dtype=torch.float64), i.vector))
+                coef[index] += i.scale
+            elif isinstance(i, At):
+                batch = torch.arange(r * n_prompts, (r + 1) * n_prompts)
+                pos = torch.arange(n_pos) if c.pos is None else torch.tensor(c.pos)
+                plan["at"].append((i.fn, batch, c.head, pos))
     writes = defaultdict(list)
-    for (site, layer), mask in sorted(masks.items(), key=lambda kv: (kv[0][1], kv[0][0].order)):
+    for (site, layer), plan in sorted(plans.items(), key=lambda kv: (kv[0][1], kv[0][0].order)):
         if site is Site.RESID_MID:
             writes[model.adapter.point(Site.RESID_PRE, layer)]  # read the block input for resid_mid
-        writes[model.adapter.write_point(site, layer)].append((site.value, mask.flatten(0, 1), layer))
+        ops = {"set": [(mask.flatten(0, 1), _kernel_source(source, n_prompts)) for source, mask in plan["set"].items()],
+               "mul": None if plan["mul"] is None else plan["mul"].flatten(0, 1),
+               "add": [(coef.flatten(0, 1), vector) for coef, vector in plan["add"].values()],
+               "at": plan["at"]}
+        writes[model.adapter.write_point(site, layer)].append((site.value, layer, ops))
     return [((p.layer, p.path, p.io, p.rank), entries) for p, entries in sorted(writes.items(), key=lambda kv: kv[0].sort_key)]
+
+
+def _kernel_source(source: tuple, n_prompts: int) -> tuple:
+    return source[:2] + (derangement(n_prompts, source[2]),) if source[0] == "perm" else source

@@ -51,18 +51,22 @@ _GEMMA = ("gemma2", "gemma3_text")
 
 @dataclass(frozen=True)
 class RefPatch:
-    """Replace ``site`` at ``layer`` (``head``, ``pos``) with the same slots of ``value``.
+    """Replace ``site`` at ``layer`` (``head``, ``pos``) with the same slots of ``value``, or
+    with ``fn(slots)``.
 
     ``value`` is the full activation of the source run in canonical shape, with the
-    batch size of the patched run. ``head`` is required for per-head sites (None there
-    means all heads) and must be None otherwise; ``pos`` None means all positions.
+    batch size of the patched run. ``fn`` instead maps the current slots (``[b, len(pos), ...]``;
+    for ``resid_mid``, of ``resid_pre + attn_out``) to their new value. ``head`` is required for
+    per-head sites (None there means all heads) and must be None otherwise; ``pos`` None means
+    all positions.
     """
 
     site: str
     layer: int
     head: int | None
     pos: tuple[int, ...] | None
-    value: torch.Tensor
+    value: torch.Tensor | None = None
+    fn: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 def is_parallel(model: nn.Module) -> bool:
@@ -194,13 +198,17 @@ def _run(model, input_ids, patches: Sequence[RefPatch], sites: Sequence[tuple[st
 
             def write(t, patch=patch, view=view):
                 t = t.clone()
-                if view(t).shape != patch.value.shape:
-                    raise ValueError(
-                        f"{patch.site} L{patch.layer}: value shape {tuple(patch.value.shape)} "
-                        f"!= activation shape {tuple(view(t).shape)}"
-                    )
-                idx = _index(patch.head, patch.pos, patch.value.dim())
-                src = patch.value.to(device=t.device, dtype=t.dtype)[idx]
+                idx = _index(patch.head, patch.pos, view(t).dim())
+                if patch.fn is not None:
+                    current = resid_pre_now[patch.layer] + t if patch.site == "resid_mid" else view(t)
+                    src = patch.fn(current[idx].clone())
+                else:
+                    if view(t).shape != patch.value.shape:
+                        raise ValueError(
+                            f"{patch.site} L{patch.layer}: value shape {tuple(patch.value.shape)} "
+                            f"!= activation shape {tuple(view(t).shape)}"
+                        )
+                    src = patch.value.to(device=t.device, dtype=t.dtype)[idx]
                 if patch.site == "resid_mid":  # attn_out := target - resid_pre
                     src = src - resid_pre_now[patch.layer][idx]
                 view(t)[idx] = src

@@ -23,11 +23,22 @@ def test_labels():
     (dict(site="mlp_out", layer=1, head=0), "no heads"),
     (dict(site="resid_pre", layer=-1), "layer"),
     (dict(site="resid_pre", layer=0, pos=[]), "empty"),
-    (dict(site="resid_pre", layer=0, pos=-2), "count from the left"),
+    (dict(site="resid_pre", layer=0, pos=""), "non-empty"),
 ])
 def test_bad_addresses_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Component(**kwargs)
+
+
+def test_named_and_end_relative_positions_resolve_per_dataset():
+    c = Component(site="resid_pre", layer=3, pos=["END", -1, 2, "S2"])
+    assert c.label == "L3.resid_pre@2,-1,END,S2" and c.symbolic
+    assert c.resolve({"S2": 9, "END": 14}, 15) == Component(site="resid_pre", layer=3, pos=[2, 9, 14])
+    assert Component(site="head", layer=0, head=1).resolve({}, 4).pos is None
+    with pytest.raises(ValueError, match=r"'S2' is not a named position.*'END'"):
+        c.resolve({"END": 14}, 15)
+    with pytest.raises(ValueError, match="offset -1 from the end"):
+        Component(site="resid_pre", layer=0, pos=-1).resolve({}, 0)
 
 
 def test_unknown_site_is_refused():

@@ -135,7 +135,7 @@ def test_answers_with_different_text_and_the_same_token_are_refused():
 
 
 @pytest.mark.parametrize("kwargs", [dict(layer=1.5), dict(layer=True), dict(layer=np.float64(2.0)),
-                                    dict(layer=1, pos=1.0), dict(layer=1, pos=[2, 3.5]), dict(layer=1, pos="S2"),
+                                    dict(layer=1, pos=1.0), dict(layer=1, pos=[2, 3.5]),
                                     dict(layer=1, pos=False)])
 def test_non_integer_component_indices_are_type_errors(kwargs):
     with pytest.raises(TypeError, match="integer|named position"):
@@ -186,13 +186,14 @@ def test_positions_by_name_resolve_through_the_dataset(model, dataset):
 
 @pytest.mark.parametrize("components,match", [
     ({pl.Component(site="mlp_out", layer=0), pl.Component(site="mlp_out", layer=1)}, "sorted"),
-    ([[pl.Component(site="mlp_out", layer=0), pl.Component(site="mlp_out", layer=1)]], "jointly"),
-    ([(pl.Component(site="mlp_out", layer=0),)], "jointly"),
+    ([[pl.Component(site="mlp_out", layer=0), "L1.mlp_out"]], "jointly"),
+    ([[]], "non-empty list"),
     (pl.Component(site="mlp_out", layer=0), "single"),
     ({"L0": pl.Component(site="mlp_out", layer=0)}, "list or tuple"),
-    (["L0.mlp_out"], "not a Component"),
+    (["L0.mlp_out"], "must be a Component"),
+    ([pl.Patch(pl.Component(site="mlp_out", layer=0))], "sweep_interventions"),
 ])
-def test_patch_components_refuses_what_it_cannot_patch_one_by_one(model, dataset, components, match):
+def test_patch_components_refuses_what_it_cannot_patch(model, dataset, components, match):
     with pytest.raises(TypeError, match=match):
         pl.patch_components(model, dataset, components, progress=False)
 

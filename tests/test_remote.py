@@ -94,6 +94,35 @@ def test_activation_patching_is_one_request_and_equals_local(models, server, fam
         assert len(server.requests) == 1 and requests(server), server.requests
 
 
+def top_minus_mean(logits, targets):
+    """A user metric: the correct answer's logit minus the mean logit."""
+    return logits.gather(-1, targets["correct"][:, None])[:, 0] - logits.mean(-1)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_interventions_are_one_request_and_equal_local(models, server, family):
+    """A sweep of joint sets (every plain-data kind, named and end-relative positions, a user
+    metric that travels by value) is one request; one joint set is one request."""
+    model, data = models[family], pairs(models[family])
+    C = pl.Component
+    v = torch.linspace(-1, 1, model.layout.d_model)
+    rows = {"patch+freeze": [pl.Patch(C(site="resid_pre", layer=0, pos=1)), pl.Freeze(C(site="head", layer=1, head=0))],
+            "ablations": [pl.Ablate(C(site="mlp_out", layer=0), how="mean"),
+                          pl.Ablate(C(site="head", layer=1, head=1, pos=-1), how="resample", seed=0)],
+            "steer+scale": [pl.Steer(C(site="resid_pre", layer=1, pos=-1), v, scale=2.0),
+                            pl.Scale(C(site="attn_out", layer=1), 0.5)]}
+    for metric in ("logit_diff", top_minus_mean):
+        server.reset()
+        local = pl.sweep_interventions(model, data, rows, metric=metric, progress=False)
+        remote = pl.sweep_interventions(model, data, rows, metric=metric, progress=False, remote=server.url)
+        assert_same_results(local, remote)
+        assert len(server.requests) == 1 and requests(server), server.requests
+    server.reset()
+    one = pl.run_interventions(model, data, rows["ablations"], remote=server.url)
+    assert len(requests(server)) == 1
+    assert_same_results(pl.run_interventions(model, data, rows["ablations"]), one)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_attribution_is_one_request_and_equals_local(models, server, family):
     model, data = models[family], pairs(models[family])

@@ -135,3 +135,27 @@ def test_edge_and_path_patching_equal_reference(smollm2_f64):
             logits = reference_path_patched_logits(smollm2.hf, tokens.clean_ids, tokens.corrupted_ids, [ref_sender],
                                                    receivers)
             assert torch.allclose(values[i, r], Metric.LOGIT_DIFF(logits, targets), atol=EXACT)
+
+
+def test_joint_interventions_equal_reference(smollm2_f64):
+    """A joint set of every plain-data kind, at named and end-relative positions, on the real model
+    in float64, against plain hooks."""
+    from .test_interventions import reference_rows
+
+    model = smollm2_f64
+    dataset, tokens = ioi_pairs(model)
+    C = pl.Component
+    v = torch.linspace(-0.5, 0.5, model.layout.d_model, dtype=torch.float64)
+    row = [pl.Ablate(C(site="head", layer=23, head=3), how="mean"), pl.Scale(C(site="head", layer=29, head=1), 0.0),
+           pl.Patch(C(site="resid_pre", layer=10, pos=tokens.positions["S2"])),
+           pl.Steer(C(site="resid_pre", layer=12, pos=tokens.n_pos - 1), v, scale=4.0),
+           pl.Freeze(C(site="mlp_out", layer=20, pos=tokens.n_pos - 1)),
+           pl.Ablate(C(site="v", layer=17, head=1), how="resample", seed=0)]
+    expected = reference_rows(model, tokens, [row])[0]
+    named = [row[0], row[1], pl.Patch(C(site="resid_pre", layer=10, pos="S2")),
+             pl.Steer(C(site="resid_pre", layer=12, pos=-1), v, scale=4.0),
+             pl.Freeze(C(site="mlp_out", layer=20, pos="END")), row[5]]
+    got = pl.run_interventions(model, dataset, named[::-1])
+    assert torch.allclose(torch.from_numpy(got.patched.values), expected, atol=EXACT, rtol=0), \
+        (torch.from_numpy(got.patched.values) - expected).abs().max()
+    assert (expected - torch.from_numpy(got.corrupted.values)).abs().max() > 0.1

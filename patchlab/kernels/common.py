@@ -171,21 +171,36 @@ def upcast(t):
 
 
 # ---- metrics ----------------------------------------------------------------------------
+def answer_values(values, ids):
+    """``values`` (``[batch, vocab]``) of the answers ``ids``: ``[batch]`` one token each, or
+    ``[batch, answer]`` sets padded with -1, combined by logsumexp."""
+    ids = ids.to(values.device)
+    if ids.dim() == 1:
+        return values.gather(-1, ids[:, None])[:, 0]
+    picked = values.gather(-1, ids.clamp(min=0)).masked_fill(ids < 0, float("-inf"))
+    return torch.logsumexp(picked, -1)
+
+
 def metric(name, logits, targets):
     """Metric per row, ``[batch]``, from final-position logits ``[batch, vocab]``.
 
-    `targets`: dict with ``correct``, ``incorrect`` (``[batch]`` token ids) and, for KL,
-    ``clean_logprobs`` (``[batch, vocab]``). Computed in at least float32 (`upcast`).
+    `name`: a metric name, or a user function ``f(logits, targets) -> [batch]``. `targets`: dict
+    with ``correct``, ``incorrect`` (``[batch]`` token ids, or ``[batch, answer]`` sets padded with
+    -1) and, for KL, ``clean_logprobs`` (``[batch, vocab]``). Computed in at least float32 (`upcast`).
     """
     logits = upcast(logits)
-    correct = targets["correct"].to(logits.device)[:, None]
+    if callable(name):
+        return name(logits, targets)
     if name == "logit_diff":
-        return (logits.gather(-1, correct) - logits.gather(-1, targets["incorrect"].to(logits.device)[:, None]))[:, 0]
+        return answer_values(logits, targets["correct"]) - answer_values(logits, targets["incorrect"])
     logprobs = torch.log_softmax(logits, dim=-1)
     if name == "logprob":
-        return logprobs.gather(-1, correct)[:, 0]
+        return answer_values(logprobs, targets["correct"])
     if name == "prob":
-        return logprobs.gather(-1, correct)[:, 0].exp()
+        return answer_values(logprobs, targets["correct"]).exp()
+    if name == "log_odds":
+        lp = answer_values(logprobs, targets["correct"])
+        return lp - torch.log(-torch.expm1(lp))
     if name == "kl":
         clean = targets.get("clean_logprobs")
         if clean is None:

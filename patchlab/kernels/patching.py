@@ -29,17 +29,15 @@ def cache_runs(nn, arch, runs):
     return acts
 
 
-def patch_chunk(nn, arch, ids, n_rows, start, acts, base, source, writes, base_embeds=False):
+def patch_chunk(nn, arch, ids, n_rows, start, acts, base, writes, base_embeds=False):
     """One forward pass of `n_rows` copies of the base run (``ids``: ``[prompt, pos]``), row r
-    patched as its masks say. Returns the final position's logits, ``[row * prompt, vocab]``.
+    intervened on as its plan says. Returns the final position's logits, ``[row * prompt, vocab]``.
 
     Args:
         start: blocks ``0..start-1`` are skipped, fed the base run's residual stream.
-        acts: the cache (`cache_runs`); `base` and `source` name runs in it.
-        writes: ``[(point, [(site, mask, layer), ...]), ...]`` in forward order; ``mask``
-            (``[row * prompt, pos(, head)]`` bool) selects what takes the source value of
-            ``(source, site, layer)``. A point with no entries is only read (the block input,
-            which resid_mid patches need).
+        acts: the cache (`cache_runs`); `base` names a run in it.
+        writes: ``[(point, [(site, layer, ops), ...]), ...]`` in forward order (see `intervene`).
+            A point with no entries is only read (the block input, which resid_mid needs).
         base_embeds: the base run starts from its cached block-0 input, not its tokens'.
     """
     batch = ids.repeat(n_rows, 1)
@@ -58,15 +56,8 @@ def patch_chunk(nn, arch, ids, n_rows, start, acts, base, source, writes, base_e
             new = raw
             if base_embeds and pt == embed_point:
                 new = rep(acts[(base, "resid_pre", 0)], n_rows).to(raw.device)
-            for site, mask, layer in entries:
-                src = rep(acts[(source, site, layer)], n_rows).to(raw.device)
-                mask = mask.to(raw.device)[..., None]
-                if site == "resid_mid":
-                    current = resid_pre + new
-                    new = new + torch.where(mask, src - current, torch.zeros_like(new))
-                else:
-                    seen = view(arch, site, new)
-                    new = unview(arch, site, new, torch.where(mask, src, seen))
+            for site, layer, ops in entries:
+                new = intervene(arch, site, layer, new, resid_pre, ops, acts, n_rows)
             write(envoy, pt[2], value, new)
             if pt[2] == "input" and pt[1] == "":
                 resid_pre = new
@@ -74,13 +65,76 @@ def patch_chunk(nn, arch, ids, n_rows, start, acts, base, source, writes, base_e
     return logits
 
 
+def intervene(arch, site, layer, new, resid_pre, ops, acts, n_rows):
+    """The module value `new` with `site`'s interventions applied (the one write path of node-level work).
+
+    `ops` (over the batch ``[row * prompt, pos(, head)]``), applied in this order:
+
+    - ``set``: ``[(mask, source)]``: masked elements take the source's value: ``("run", name)``
+      the cached run, ``("mean", name)`` its mean over prompts per position, ``("perm", name,
+      perm)`` its prompts reordered (``[prompt]`` indices), ``("zero",)`` zeros;
+    - ``mul``: factors (or None): the value is multiplied;
+    - ``add``: ``[(coefficients, vector)]``: ``coefficient * vector`` is added;
+    - ``at``: ``[(fn, batch index, head, pos index)]``: ``fn`` edits those elements last.
+
+    resid_mid (the block input plus the attention branch) is written through the branch:
+    ``new + (target - current)`` leaves untouched elements exactly as they were.
+    """
+    current = resid_pre + new if site == "resid_mid" else view(arch, site, new)
+    target = current
+    for mask, src in ops["set"]:
+        target = torch.where(mask.to(current.device)[..., None], source_value(acts, src, site, layer, n_rows, current),
+                             target)
+    if ops["mul"] is not None:
+        target = target * ops["mul"].to(current.device, current.dtype)[..., None]
+    for coef, vector in ops["add"]:
+        target = target + coef.to(current.device, current.dtype)[..., None] * vector.to(current.device, current.dtype)
+    for fn, rows, head, pos in ops["at"]:
+        target = call_at(fn, target, rows.to(current.device), head, pos.to(current.device))
+    if site == "resid_mid":
+        return new + (target - current)
+    return unview(arch, site, new, target)
+
+
+def source_value(acts, src, site, layer, n_rows, like):
+    """A setting intervention's values for the whole batch (shaped as `like`)."""
+    kind = src[0]
+    if kind == "zero":
+        return torch.zeros_like(like)
+    cached = acts[(src[1], site, layer)].to(like.device)
+    if kind == "mean":
+        return cached.mean(0, keepdim=True).expand_as(like)
+    if kind == "perm":
+        cached = cached[src[2].to(like.device)]
+    return rep(cached, n_rows)
+
+
+def call_at(fn, target, rows, head, pos):
+    """`target` after the user function `fn` edited its elements ``[rows][:, pos](, head)``."""
+    part = target[rows[:, None], pos[None, :]]
+    if head is not None:
+        part = part[:, :, head]
+    part = part.clone()
+    out = fn(part)
+    out = part if out is None else out
+    if tuple(out.shape) != tuple(part.shape):
+        raise ValueError(f"an At function returned shape {tuple(out.shape)}; it must keep the shape it was given, "
+                         f"{tuple(part.shape)} ([batch, pos, d])")
+    target = target.clone()
+    if head is None:
+        target[rows[:, None], pos[None, :]] = out.to(target.dtype)
+    else:
+        target[rows[:, None], pos[None, :], head] = out.to(target.dtype)
+    return target
+
+
 def patch_program(nn, spec, progress=None):
     """Cache the runs, then evaluate every chunk's metric. One session, one request remotely.
 
-    `spec`: ``arch``, ``runs`` (see `cache_runs`), ``base``/``source`` run names, ``base_ids``
+    `spec`: ``arch``, ``runs`` (see `cache_runs`), ``base`` run name, ``base_ids``
     (``[prompt, pos]``), ``base_embeds``, ``metric`` (name), ``targets`` (``correct``,
     ``incorrect``: ``[prompt]``), ``kl_from`` (run whose logits are the KL reference) and
-    ``chunks``: ``[{"start", "n_rows", "writes"}]``. ``gap`` (optional): two run
+    ``chunks``: ``[{"start", "n_rows", "writes"}]`` (``writes``: see `patch_chunk`). ``gap`` (optional): two run
     names; when their metrics leave no gap to normalise by (`stop_for_gap`), the program returns
     before its chunks, with ``values`` empty.
 
@@ -96,7 +150,7 @@ def patch_program(nn, spec, progress=None):
     values = []
     for chunk in spec["chunks"]:
         logits = patch_chunk(nn, arch, spec["base_ids"], chunk["n_rows"], chunk["start"], acts, spec["base"],
-                             spec["source"], chunk["writes"], spec["base_embeds"])
+                             chunk["writes"], spec["base_embeds"])
         values.append(metric(spec["metric"], logits, repeat_targets(targets, chunk["n_rows"])))
         if progress is not None:
             progress(1)
