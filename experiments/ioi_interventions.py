@@ -95,14 +95,15 @@ def main(config: Config) -> dict:
             **{f"score_{k.replace(' ', '_').replace(',', '')}": float(restored.score.sel(row=k)) for k in rows},
         }
         run.record(**numbers)
-        fig, ax = plt.subplots(figsize=(7, 3))
+        fig, ax = plt.subplots(figsize=(9, 3))
         bars = {"clean": numbers["clean"], "clean, movers ablated": numbers["clean_movers_ablated"],
                 "corrupted": numbers["corrupted"],
                 **{f"corrupted, {k}": float(restored.patched.sel(row=k).mean()) for k in rows}}
         sns.barplot(x=list(bars.values()), y=list(bars.keys()), ax=ax, color="tab:blue")
         ax.axvline(0, color="black", lw=0.8)
         ax.set_xlabel(f"mean logit difference (IO - S), {knocked.attrs['units']}")
-        ax.set_title(f"{model.model_id}: name movers {numbers['name_movers']}; S2 restored at L{restore_layer}")
+        ax.set_title(f"{model.model_id}: name movers {numbers['name_movers']}; S2 restored at L{restore_layer}",
+                     fontsize=10)
         fig.tight_layout()
         run.save_figure(fig, "interventions")
         plt.close(fig)

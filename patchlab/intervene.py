@@ -3,6 +3,7 @@
 Three forms, one engine (`patchlab.runner.run_rows`, the engine of every node-level sweep):
 
 - `run_interventions`: one joint set (`patchlab.interventions`), applied to the base run;
+  edge-level sets (`PatchEdge`) run on `patchlab.graph_runner` instead;
 - `sweep_interventions`: many labelled joint sets (rows) in one program, batched and chunked
   like the built-in sweeps (one request remotely);
 - `trace`: a ``with`` block that declares interventions in any order (``t.patch(...)``,
@@ -36,7 +37,9 @@ import xarray as xr
 
 from .components import Component
 from .data import PromptPairDataset
-from .interventions import Ablate, At, Freeze, Intervention, Patch, Run, Scale, Steer, joint_set
+from .graph import Graph
+from .graph_runner import edge_patch_rows
+from .interventions import Ablate, At, Freeze, Intervention, Patch, PatchEdge, Run, Scale, Steer, joint_set
 from .metrics import Direction, Metric, get_metric
 from .models import PatchModel, takes_model
 from .patching import pair_targets, result_dataset, run_pair, tokenize_for
@@ -78,14 +81,17 @@ def sweep_interventions(model: PatchModel, dataset: PromptPairDataset,
     labels, sets = _labelled(rows)
     base, metric = Run(base), get_metric(metric)
     tokens = tokenize_for(model, dataset)
-    result = run_rows(model, passes=[run_pair(tokens)], base=base.value,
-                      base_ids=tokens.corrupted_ids if base is Run.CORRUPTED else tokens.clean_ids,
-                      rows=sets, metric=metric, targets=pair_targets(tokens), names=tokens.positions,
-                      memory_mb=memory_mb, progress=progress, remote=remote, gap=("clean", "corrupted"))
     direction = Direction.DENOISING if base is Run.CORRUPTED else Direction.NOISING
-    baselines = {"metric": metric, "direction": direction, **result.runs}
+    if _edge_level(sets):
+        values, baselines = _run_edges(model, tokens, sets, base, metric, direction, memory_mb, progress, remote)
+    else:
+        result = run_rows(model, passes=[run_pair(tokens)], base=base.value,
+                          base_ids=tokens.corrupted_ids if base is Run.CORRUPTED else tokens.clean_ids,
+                          rows=sets, metric=metric, targets=pair_targets(tokens), names=tokens.positions,
+                          memory_mb=memory_mb, progress=progress, remote=remote, gap=("clean", "corrupted"))
+        values, baselines = result.values, {"metric": metric, "direction": direction, **result.runs}
     described = json.dumps({label: [i.to_json() for i in s] for label, s in zip(labels, sets)})
-    return result_dataset(model, dataset, tokens, baselines, result.values, ("row",), {"row": labels},
+    return result_dataset(model, dataset, tokens, baselines, values, ("row",), {"row": labels},
                           "mixed", seed, base_run=base.value, interventions=described)
 
 
@@ -172,6 +178,31 @@ def trace(model: PatchModel, dataset: PromptPairDataset, *, base: Run | str = Ru
     yield t
     t.result = run_interventions(model, dataset, t.interventions, base=base, metric=metric, seed=seed,
                                  remote=remote)
+
+
+def _edge_level(sets) -> bool:
+    """Whether the rows are edge-level (`PatchEdge` only), refusing a mix with node-level ones."""
+    kinds = {isinstance(i, PatchEdge) for s in sets for i in s}
+    if len(kinds) > 1:
+        raise ValueError("these rows mix edge interventions (PatchEdge) with node-level ones: edge and node "
+                         "interventions run on different engines (patchlab.graph_runner and patchlab.runner), so a "
+                         "sweep holds one kind; run them as two sweeps")
+    return kinds == {True}
+
+
+def _run_edges(model, tokens, sets, base: Run, metric, direction: Direction, memory_mb, progress, remote):
+    """Edge-level rows on `patchlab.graph_runner.edge_patch_rows`: every edge of the sweep carries the
+    other run's values (mean or not: one setting per sweep)."""
+    sources = {(i.source, i.mean) for s in sets for i in s}
+    other = Run.CLEAN if base is Run.CORRUPTED else Run.CORRUPTED
+    if len(sources) > 1 or next(iter(sources))[0] is not other:
+        raise ValueError(f"an edge sweep on the {base.value} run patches every edge from the {other.value} run, "
+                         f"all with mean=True or all with mean=False; got {sorted((s.value, m) for s, m in sources)}. "
+                         f"Use base={other.value!r} for the other source, and one sweep per setting")
+    result = edge_patch_rows(model, Graph.from_model(model), tokens=tokens, rows=[[i.edge for i in s] for s in sets],
+                             metric=metric, direction=direction, ablation="mean" if sources.pop()[1] else "resample",
+                             memory_mb=memory_mb, progress=progress, remote=remote)
+    return result.values, result.baselines
 
 
 def _labelled(rows) -> tuple[list[str], list[tuple[Intervention, ...]]]:

@@ -13,6 +13,9 @@ sets (rows) in one program (see `patchlab.intervene` and `patchlab.runner`).
 - `Scale`: multiply by ``factor`` (e.g. an attention-head knock-down).
 - `Freeze`: keep the base run's own value, whatever changed upstream (path-style experiments).
 - `At`: a user function of the component's value, inside the same trace (the escape hatch).
+- `PatchEdge`: one sender -> receiver edge of the computational graph (`patchlab.graph`) carries
+  the source run's value (Wang et al. 2022's path patching building block; run by
+  `patchlab.graph_runner`). A joint set is either node-level or edge-level.
 
 How a joint set combines on one component, in this fixed order (so the order in which the
 interventions are declared never matters):
@@ -39,8 +42,10 @@ import torch
 
 from ._choices import Choice
 from .components import Component
+from .graph import Edge
 
-__all__ = ["Run", "Ablation", "Intervention", "Patch", "Ablate", "Steer", "Scale", "Freeze", "At", "from_json",
+__all__ = ["Run", "Ablation", "Intervention", "Patch", "Ablate", "Steer", "Scale", "Freeze", "At", "PatchEdge",
+           "from_json",
            "joint_set", "SETTING"]
 
 
@@ -269,10 +274,47 @@ class At(Intervention):
                 "function": f"{getattr(self.fn, '__module__', '?')}.{getattr(self.fn, '__qualname__', '?')}"}
 
 
+@dataclass(frozen=True, repr=False)
+class PatchEdge(Intervention):
+    """The edge `edge` carries the `source` run's value: its receiver reads the sender's output of
+    that run along this edge, and every other input as in the base run (`patchlab.graph`).
+
+    Args:
+        mean: carry the mean of the source run over prompts, per position, instead (mean ablation
+            of the edge, as in circuit evaluation).
+
+    Raises:
+        TypeError: `edge` is not an `patchlab.graph.Edge`.
+        ValueError: an unknown source.
+    """
+
+    edge: Edge
+    source: Run | str = Run.CLEAN
+    mean: bool = False
+    kind: ClassVar[str] = "patch_edge"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.edge, Edge):
+            raise TypeError(f"PatchEdge takes an Edge (e.g. pl.Edge.from_label('L2H3->L5H1.q')), got {self.edge!r}")
+        object.__setattr__(self, "source", Run(self.source))
+        object.__setattr__(self, "mean", bool(self.mean))
+
+    @property
+    def component(self):
+        raise AttributeError("PatchEdge addresses an edge (.edge), not a component")
+
+    @property
+    def label(self) -> str:
+        return f"patch_edge({self.edge.label}<-{self.source.value}{', mean' if self.mean else ''})"
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "edge": self.edge.label, "source": self.source.value, "mean": self.mean}
+
+
 SETTING = (Patch, Ablate, Freeze)
 """The kinds that set a value; two on the same element of one joint set conflict."""
 
-_KINDS = {cls.kind: cls for cls in (Patch, Ablate, Steer, Scale, Freeze)}
+_KINDS = {cls.kind: cls for cls in (Patch, Ablate, Steer, Scale, Freeze, PatchEdge)}
 
 
 def _component_json(c: Component) -> dict:
@@ -291,6 +333,8 @@ def from_json(data: dict) -> Intervention:
                          "from JSON; pass the function again")
     if kind not in _KINDS:
         raise ValueError(f"unknown intervention kind {kind!r}; known: {sorted(_KINDS)}")
+    if kind == "patch_edge":
+        return PatchEdge(Edge.from_label(data["edge"]), source=data["source"], mean=data["mean"])
     args = {k: v for k, v in data.items() if k not in ("kind", "component")}
     if kind == "steer":
         args["vector"] = torch.tensor(args["vector"], dtype=torch.float64)
@@ -317,5 +361,5 @@ def joint_set(interventions) -> tuple[Intervention, ...]:
                             f"pl.Patch({item!r}, source='clean') or pl.Ablate({item!r}, how='mean')")
         if not isinstance(item, Intervention):
             raise TypeError(f"item {i} is a {type(item).__name__} ({item!r}), not an intervention "
-                            "(pl.Patch, pl.Ablate, pl.Steer, pl.Scale, pl.Freeze, pl.At)")
+                            "(pl.Patch, pl.Ablate, pl.Steer, pl.Scale, pl.Freeze, pl.At, pl.PatchEdge)")
     return out

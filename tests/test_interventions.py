@@ -319,3 +319,31 @@ def test_derangements_move_every_prompt():
             perm = derangement(n, seed)
             assert sorted(perm.tolist()) == list(range(n)) and not (perm == torch.arange(n)).any()
     assert torch.equal(derangement(7, 1), derangement(7, 1))
+
+
+# ---- edge level ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma2"])
+def test_edge_interventions_equal_the_graph_reference(family):
+    from .reference_graph import reference_edge_patched_logits
+    from .test_edges_exact import ref_edge, some_edge_sets
+
+    model = tiny_patch_model(family)
+    dataset = random_pairs(model.hf.config.vocab_size)
+    tokens = dataset.tokenize(model.tokenizer)
+    sets = [s for s in some_edge_sets(pl.Graph.from_model(model), tokens.n_pos) if s][:8]
+    rows = {f"set {k}": [pl.PatchEdge(e, source="corrupted") for e in s] for k, s in enumerate(sets)}
+    ds = pl.sweep_interventions(model, dataset, rows, base="clean", progress=False)
+    targets = Targets(correct=tokens.correct_ids, incorrect=tokens.incorrect_ids)
+    expected = torch.stack([Metric.LOGIT_DIFF(reference_edge_patched_logits(
+        model.hf, tokens.clean_ids, tokens.corrupted_ids, [ref_edge(e) for e in s]), targets) for s in sets]).double()
+    got = torch.from_numpy(ds.patched.values)
+    assert torch.allclose(got, expected, atol=exact_atol(model, expected, edges=True), rtol=0)
+    assert json.loads(ds.attrs["interventions"])["set 0"][0]["kind"] == "patch_edge"
+    edge = pl.PatchEdge(sets[0][0], source="corrupted", mean=True)
+    assert from_json(json.loads(json.dumps(edge.to_json()))) == edge
+    with pytest.raises(ValueError, match="from the corrupted run"):
+        pl.sweep_interventions(model, dataset, {"x": [pl.PatchEdge(sets[0][0], source="clean")]}, base="clean")
+    with pytest.raises(ValueError, match="mix edge interventions"):
+        pl.run_interventions(model, dataset, [pl.PatchEdge(sets[0][0], source="corrupted"),
+                                              pl.Patch(C(site="head", layer=0, head=0))], base="clean")
