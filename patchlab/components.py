@@ -11,6 +11,7 @@ Dimension vocabulary used across patchlab results:
 - ``layer``: decoder block index, 0-based.
 - ``head``: attention head index within a layer (query heads; for the ``k`` and
   ``v`` sites of grouped-query models, key/value heads).
+- ``pattern``'s values are ``[query pos, head, key pos]`` per prompt: ``pos`` addresses query positions.
 - ``pos``: token position, 0-based from the left of the prompt. A `Component` may also name
   positions symbolically, resolved against a dataset when it runs (`Component.resolve`): a
   dataset's position name (``"S2"``) or an offset from the end (``-1`` is the last token).
@@ -67,6 +68,10 @@ class Site(Choice):
     """Key input of a head: the key projection's output, ``[batch, pos, n_kv_heads, d_head]``."""
     V = "v"
     """Value input of a head: the value projection's output, ``[batch, pos, n_kv_heads, d_head]``."""
+    PATTERN = "pattern"
+    """Attention pattern of a head (softmax probabilities), ``[batch, query pos, n_heads, key pos]``; a
+    component's ``pos`` are query positions. Needs eager attention
+    (``load_model(..., attn_implementation="eager")``)."""
     HEAD = "head"
     """Attention head output ("z"): the input of the output projection, ``[batch, pos, n_heads, d_head]``."""
     ATTN_OUT = "attn_out"
@@ -85,7 +90,7 @@ class Site(Choice):
     @property
     def per_head(self) -> bool:
         """Whether components of this site are addressed per head."""
-        return self in (Site.Q, Site.K, Site.V, Site.HEAD)
+        return self in (Site.Q, Site.K, Site.V, Site.PATTERN, Site.HEAD)
 
 
 _SITE_ORDER = {site: i for i, site in enumerate(Site)}

@@ -65,7 +65,7 @@ class PatchResult:
 
 
 def run_rows(model: PatchModel, *, passes: Sequence[CachePass], base: str, base_ids: torch.Tensor,
-             rows: Sequence[Sequence[Intervention]], metric: Metric, targets: Targets,
+             rows: Sequence[Sequence[Intervention]], metric: Metric | MetricFunction, targets: Targets,
              names: Mapping[str, int] | None = None, kl_from: str = "clean", base_embeds: bool = False,
              max_rows: int | None = None, memory_mb: float = 1024, progress: bool = True, remote=None,
              gap: tuple[str, str] | None = None) -> PatchResult:
@@ -107,7 +107,7 @@ def run_rows(model: PatchModel, *, passes: Sequence[CachePass], base: str, base_
     run_names = {name for p in passes for name in p.names}
     for row in rows:
         for i in row:
-            _check_intervention(model, i, run_names | {base}, n_prompts)
+            _check_intervention(model, i, run_names | {base}, n_prompts, n_pos)
     if resolve_remote(remote, model.remote) is not None and any(isinstance(i, At) for row in rows for i in row):
         raise ValueError("an At intervention runs a local Python function and cannot travel with remote=; express "
                          "it with Patch, Ablate, Steer, Scale or Freeze, or run it here (remote=False)")
@@ -119,7 +119,7 @@ def run_rows(model: PatchModel, *, passes: Sequence[CachePass], base: str, base_
     starts = [_start_layer(model, row) for row in rows]
     chunks = chunk_rows(starts, limit)
     sites = {(Site.RESID_PRE, layer) for layer in set(starts) | {0}} | \
-        {(i.component.site, i.component.layer) for row in rows for i in row if _source(i, base, n_prompts)}
+        {(i.component.site, i.component.layer) for row in rows for i in row if _source(i, base)}
     spec = {"arch": model.arch(), "base": base, "base_ids": base_ids,
             "base_embeds": base_embeds, "metric": metric.spec, "kl_from": kl_from, "gap": gap,
             "targets": {"correct": targets.correct, "incorrect": targets.incorrect},
@@ -165,13 +165,20 @@ def resolve_row(row: Sequence[Intervention], names: Mapping[str, int], n_pos: in
     return out
 
 
-def _check_intervention(model: PatchModel, i: Intervention, runs: set, n_prompts: int) -> None:
+def _check_intervention(model: PatchModel, i: Intervention, runs: set, n_prompts: int, n_pos: int) -> None:
     c = i.component
+    if c.site is Site.PATTERN:
+        check_pattern_site(model)
+        if isinstance(i, At):
+            raise ValueError(f"{i.label}: an At function cannot see a pattern (its head outputs are written "
+                             "before the pattern can be read); use Patch, Ablate, Scale, Steer or Freeze on it, or At "
+                             "on the head site")
     if isinstance(i, Steer):
-        width = model.layout.d_head if c.site.per_head else model.layout.d_model
+        name, width = (("key pos", n_pos) if c.site is Site.PATTERN else ("d_head", model.layout.d_head)
+                       if c.site.per_head else ("d_model", model.layout.d_model))
         if i.vector.numel() != width:
             raise ValueError(f"{i.label}: the vector has {i.vector.numel()} entries; {c.site.value} needs "
-                             f"[{'d_head' if c.site.per_head else 'd_model'}] = [{width}]")
+                             f"[{name}] = [{width}]")
     needed = {Patch: lambda: i.source.value, Ablate: lambda: None if i.how is Ablation.ZERO else "corrupted"}
     run = needed.get(type(i), lambda: None)()
     if run is not None and run not in runs:
@@ -181,7 +188,21 @@ def _check_intervention(model: PatchModel, i: Intervention, runs: set, n_prompts
                          f"{n_prompts}; drop seed= to resample from the same pair")
 
 
-def _source(i: Intervention, base: str, n_prompts: int) -> tuple | None:
+def check_pattern_site(model: PatchModel) -> None:
+    """Refuse attention-pattern work on a model without eager attention (other kernels do not
+    return the pattern).
+
+    Raises:
+        ValueError: the fix is ``load_model(..., attn_implementation="eager")``.
+    """
+    impl = getattr(model.hf.config, "_attn_implementation", None)
+    if impl != "eager":
+        raise ValueError(f"the attention pattern (site 'pattern') needs eager attention, but {model.model_id} runs "
+                         f"{impl!r} attention, which does not return it; load the model with "
+                         f"pl.load_model(..., attn_implementation='eager')")
+
+
+def _source(i: Intervention, base: str) -> tuple | None:
     """Where a setting intervention's value comes from, as the kernel reads it (None: not a setting one):
     ``("run", name)``, ``("mean", name)``, ``("perm", name, seed)`` or ``("zero",)``."""
     if isinstance(i, Patch):
@@ -332,7 +353,7 @@ def _plan_writes(model: PatchModel, rows: Sequence[Sequence[Intervention]], n_pr
             plan = plans.setdefault(key, {"shape": shape, "set": {}, "mul": None, "add": {}, "at": []})
             index = (r, slice(None), slice(None) if c.pos is None else list(c.pos)) + \
                 ((c.head,) if c.site.per_head else ())
-            source = _source(i, base, n_prompts)
+            source = _source(i, base)
             if source is not None:
                 plan["set"].setdefault(source, torch.zeros(shape, dtype=torch.bool))[index] = True
             elif isinstance(i, Scale):
@@ -350,6 +371,8 @@ def _plan_writes(model: PatchModel, rows: Sequence[Sequence[Intervention]], n_pr
     for (site, layer), plan in sorted(plans.items(), key=lambda kv: (kv[0][1], kv[0][0].order)):
         if site is Site.RESID_MID:
             writes[model.adapter.point(Site.RESID_PRE, layer)]  # read the block input for resid_mid
+        if site is Site.PATTERN:
+            writes[model.adapter.point(Site.V, layer)]  # read the values a pattern weighs
         ops = {"set": [(mask.flatten(0, 1), _kernel_source(source, n_prompts)) for source, mask in plan["set"].items()],
                "mul": None if plan["mul"] is None else plan["mul"].flatten(0, 1),
                "add": [(coef.flatten(0, 1), vector) for coef, vector in plan["add"].values()],

@@ -68,4 +68,4 @@ def test_sorting_is_forward_order(cs):
 
 def test_sites_within_a_layer_follow_the_forward_pass():
     names = [s.value for s in sorted(Site, key=lambda s: s.order)]
-    assert names == ["resid_pre", "q", "k", "v", "head", "attn_out", "resid_mid", "mlp_out", "resid_post"]
+    assert names == ["resid_pre", "q", "k", "v", "pattern", "head", "attn_out", "resid_mid", "mlp_out", "resid_post"]

@@ -9,6 +9,7 @@ setting interventions first, then scale, steer and user functions, each as its o
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -87,7 +88,9 @@ def reference_rows(model, tokens, rows, base="corrupted", metric=Metric.LOGIT_DI
 
 
 def sites_of(model):
-    return [s for s in Site if s is not Site.RESID_MID or model.adapter.has_resid_mid(model.hf.config)]
+    """Every node site but the pattern (tested with its own reference below)."""
+    return [s for s in Site if s is not Site.PATTERN and (s is not Site.RESID_MID
+                                                          or model.adapter.has_resid_mid(model.hf.config))]
 
 
 def one_of_each(model, site: Site, layer: int) -> list:
@@ -347,3 +350,142 @@ def test_edge_interventions_equal_the_graph_reference(family):
     with pytest.raises(ValueError, match="mix edge interventions"):
         pl.run_interventions(model, dataset, [pl.PatchEdge(sets[0][0], source="corrupted"),
                                               pl.Patch(C(site="head", layer=0, head=0))], base="clean")
+
+
+# ---- attention patterns -------------------------------------------------------------------
+
+def _attention(hf, layer):
+    from .reference import _block, _family
+
+    return _block(hf, layer).get_submodule(_family(hf)[1])
+
+
+def reference_pattern(hf, ids, layer) -> torch.Tensor:
+    """The attention probabilities of block `layer`, ``[batch, head, query, key]`` (plain hook)."""
+    seen = {}
+    handle = _attention(hf, layer).register_forward_hook(lambda m, a, out: seen.update(p=out[1].clone()))
+    with torch.no_grad():
+        hf(ids)
+    handle.remove()
+    return seen["p"]
+
+
+@contextmanager
+def pattern_edits(hf, edits):
+    """Edit attention probabilities where Hugging Face's eager attention uses them: the input of the
+    attention dropout (identity in eval), inside block ``layer``'s attention only.
+    `edits`: ``{layer: [(head, query positions or None, fn of [b, n_q, key])]}``."""
+    original = torch.nn.functional.dropout
+    active = {}
+
+    def dropout(x, *args, **kwargs):
+        layer = active.get("layer")
+        if layer is not None and x.dim() == 4:
+            x = x.clone()
+            for head, pos, fn in edits[layer]:
+                q = slice(None) if pos is None else list(pos)
+                x[:, head, q] = fn(x[:, head, q].clone())
+        return original(x, *args, **kwargs)
+
+    handles = []
+    for layer in edits:
+        attn = _attention(hf, layer)
+        handles.append(attn.register_forward_pre_hook(lambda m, a, layer=layer: active.update(layer=layer)))
+        handles.append(attn.register_forward_hook(lambda m, a, o: active.update(layer=None)))
+    torch.nn.functional.dropout = dropout
+    try:
+        yield
+    finally:
+        torch.nn.functional.dropout = original
+        for h in handles:
+            h.remove()
+
+
+def reference_pattern_rows(model, tokens, rows, base="corrupted"):
+    """Like `reference_rows`, for rows whose pattern interventions are edited by `pattern_edits`."""
+    hf = model.hf
+    base_ids = tokens.corrupted_ids if base == "corrupted" else tokens.clean_ids
+    targets = Targets(correct=tokens.correct_ids, incorrect=tokens.incorrect_ids)
+    out = []
+    for row in rows:
+        edits, others = {}, []
+        for i in row:
+            c = i.component
+            if c.site is not Site.PATTERN:
+                others.append(i)
+                continue
+            pattern = lambda ids, layer=c.layer: reference_pattern(hf, ids, layer).transpose(0, 1)  # noqa: E731
+            pos = ref_pos(c.pos, dict(tokens.positions), tokens.n_pos)
+            q = slice(None) if pos is None else list(pos)
+            if isinstance(i, pl.Patch) or isinstance(i, pl.Freeze):
+                ids = base_ids if isinstance(i, pl.Freeze) else getattr(tokens, f"{i.source.value}_ids")
+                value = pattern(ids)[c.head][:, q]
+                fn = lambda x, value=value: value  # noqa: E731
+            elif isinstance(i, pl.Ablate):
+                corrupted = pattern(tokens.corrupted_ids)[c.head][:, q]
+                value = {"zero": torch.zeros_like(corrupted), "mean": corrupted.mean(0, keepdim=True).expand_as(corrupted),
+                         "resample": corrupted if i.seed is None else corrupted[derangement(len(corrupted), i.seed)]}
+                fn = lambda x, value=value[i.how.value]: value  # noqa: E731
+            elif isinstance(i, pl.Scale):
+                fn = lambda x, f=i.factor: x * f  # noqa: E731
+            else:
+                fn = lambda x, v=i.vector, s=i.scale: x + s * v  # noqa: E731
+            edits.setdefault(c.layer, []).append((c.head, pos, fn, type(i)))
+        for layer in edits:  # set, then scale, then steer, as the engine combines them
+            rank = {pl.Patch: 0, pl.Ablate: 0, pl.Freeze: 0, pl.Scale: 1, pl.Steer: 2}
+            edits[layer] = [e[:3] for e in sorted(edits[layer], key=lambda e: rank[e[3]])]
+        with pattern_edits(hf, edits):
+            logits = reference_rows_logits(model, tokens, others, base_ids, base)
+        out.append(Metric.LOGIT_DIFF(logits, targets))
+    return torch.stack(out)
+
+
+def reference_rows_logits(model, tokens, row, base_ids, base):
+    """The final logits of `reference_rows`' computation for one row (node-level sites only)."""
+    captured = {}
+    metric = pl.MetricFunction(lambda logits, t: captured.setdefault("logits", logits)[:, 0])
+    if row:
+        reference_rows(model, tokens, [row], base=base, metric=metric)
+        return captured["logits"]
+    with torch.no_grad():
+        return model.hf(base_ids).logits[:, -1]
+
+
+def test_pattern_interventions_equal_hooks_inside_attention(setup):
+    model, dataset, tokens = setup
+    last, n = model.layout.n_layers - 1, tokens.n_pos
+    P = lambda head, pos=None, layer=last: C(site="pattern", layer=layer, head=head, pos=pos)  # noqa: E731
+    key_weights = torch.linspace(0.1, 0.6, n, dtype=torch.float64)
+    rows = {
+        "patch": [pl.Patch(P(1))], "patch@A": [pl.Patch(P(0, "A"))], "zero@-1": [pl.Ablate(P(1, -1), how="zero")],
+        "mean": [pl.Ablate(P(0), how="mean")], "resample": [pl.Ablate(P(2, [0, -1]), how="resample", seed=2)],
+        "scale": [pl.Scale(P(1), 0.5)], "steer": [pl.Steer(P(1, -1), key_weights, scale=2.0)],
+        "freeze": [pl.Patch(C(site="resid_pre", layer=0)), pl.Freeze(P(0, layer=0)), pl.Freeze(P(1))],
+        "joint": [pl.Scale(C(site="head", layer=last, head=1), 0.25), pl.Steer(P(1, -1), key_weights),
+                  pl.Patch(P(1, [1, 2, 3])), pl.Scale(P(1, 3), -1.0), pl.Patch(C(site="v", layer=last, head=0))],
+    }
+    ds = pl.sweep_interventions(model, dataset, rows, progress=False)
+    expected = reference_pattern_rows(model, tokens, list(rows.values()))
+    got = torch.from_numpy(ds.patched.values)
+    assert torch.allclose(got, expected, atol=exact_atol(model, expected), rtol=0), (got - expected).abs().max()
+    assert (got - torch.from_numpy(ds.corrupted.values)).abs().max() > 1e-3
+    heads = pl.patch_heads(model, dataset, site="pattern", layers=[last], progress=False)  # TransformerLens' sweep
+    expected = reference_pattern_rows(model, tokens, [[pl.Patch(P(h))] for h in range(model.layout.n_heads)])
+    got = torch.from_numpy(heads.patched.values[0])
+    assert torch.allclose(got, expected, atol=exact_atol(model, expected), rtol=0)
+
+
+def test_patterns_need_eager_attention_and_fit_their_shape():
+    from .tiny_models import tiny_model, tiny_tokenizer
+
+    hf = tiny_model("llama")
+    hf.config._attn_implementation = "sdpa"
+    model = pl.load_model(hf, tokenizer=tiny_tokenizer(hf.config.vocab_size), model_id="tiny-llama-sdpa")
+    dataset = random_pairs(model.hf.config.vocab_size)
+    with pytest.raises(ValueError, match=r"needs eager attention.*attn_implementation='eager'"):
+        pl.run_interventions(model, dataset, [pl.Patch(C(site="pattern", layer=0, head=0))])
+    eager = tiny_patch_model("llama")
+    with pytest.raises(ValueError, match=r"\[key pos\] = \[6\]"):
+        pl.run_interventions(eager, dataset, [pl.Steer(C(site="pattern", layer=0, head=0), torch.ones(4))])
+    with pytest.raises(ValueError, match="cannot see a pattern"):
+        pl.run_interventions(eager, dataset, [pl.At(C(site="pattern", layer=0, head=0), halve_and_flip)])

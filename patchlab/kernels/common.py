@@ -5,7 +5,7 @@ Torch-only (see the package docstring): this module runs on the server too.
 
 import torch
 
-PER_HEAD = ("q", "k", "v", "head")
+PER_HEAD = ("q", "k", "v", "pattern", "head")
 
 
 # ---- modules and hook points ---------------------------------------------------------
@@ -35,6 +35,8 @@ def point(arch, site, layer):
         if arch["qkv"] is not None:
             return (layer, arch["qkv"], "output", 1)
         return (layer, arch[site], "output", 1 + "qkv".index(site))
+    if site == "pattern":  # the attention module's second output, after it ran (eager attention)
+        return (layer, attention_path(arch), "weights", 4.5)
     if site == "head":
         return (layer, arch["o_proj"], "input", 4)
     if site == "attn_out":
@@ -54,8 +56,14 @@ def mlp_in_point(arch, layer):
 
 
 def write_point(arch, site, layer):
-    """The point written to patch `site`: resid_mid is written through the attention branch."""
-    return point(arch, "attn_out" if site == "resid_mid" else site, layer)
+    """The point written to patch `site`: resid_mid is written through the attention branch, a
+    pattern through the head outputs it weighs (``z = pattern @ v``)."""
+    return point(arch, {"resid_mid": "attn_out", "pattern": "head"}.get(site, site), layer)
+
+
+def attention_path(arch):
+    """The attention module (relative to a block): the parent of the output projection."""
+    return arch["o_proj"].rpartition(".")[0]
 
 
 def at(root, arch, pt):
@@ -64,6 +72,8 @@ def at(root, arch, pt):
 
 
 def read(envoy, io):
+    if io == "weights":
+        return envoy.output[1]
     return envoy.output if io == "output" else envoy.input
 
 
@@ -101,6 +111,8 @@ def view(arch, site, raw):
     """The site's value in canonical shape: ``[batch, pos, d_model]`` or ``[batch, pos, head, d_head]``."""
     if site not in PER_HEAD:
         return raw
+    if site == "pattern":  # [batch, head, query, key] -> [batch, query, head, key]
+        return raw.transpose(1, 2)
     b, t = raw.shape[:2]
     dh = arch["d_head"]
     if site == "head" or arch["qkv"] is None:

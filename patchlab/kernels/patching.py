@@ -37,7 +37,8 @@ def patch_chunk(nn, arch, ids, n_rows, start, acts, base, writes, base_embeds=Fa
         start: blocks ``0..start-1`` are skipped, fed the base run's residual stream.
         acts: the cache (`cache_runs`); `base` names a run in it.
         writes: ``[(point, [(site, layer, ops), ...]), ...]`` in forward order (see `intervene`).
-            A point with no entries is only read (the block input, which resid_mid needs).
+            A point with no entries is only read (the block input, which resid_mid needs; the
+            values, which patterns weigh).
         base_embeds: the base run starts from its cached block-0 input, not its tokens'.
     """
     batch = ids.repeat(n_rows, 1)
@@ -48,7 +49,7 @@ def patch_chunk(nn, arch, ids, n_rows, start, acts, base, writes, base_embeds=Fa
     with torch.no_grad(), nn.trace(batch, logits_to_keep=1):
         for layer in range(start):
             block(nn, arch, layer).skip(skip)
-        resid_pre = None
+        state = {}  # this pass's current values that later interventions read: the block input, v
         for pt, entries in writes:
             envoy = at(nn, arch, pt)
             value = read(envoy, pt[2])
@@ -57,15 +58,17 @@ def patch_chunk(nn, arch, ids, n_rows, start, acts, base, writes, base_embeds=Fa
             if base_embeds and pt == embed_point:
                 new = rep(acts[(base, "resid_pre", 0)], n_rows).to(raw.device)
             for site, layer, ops in entries:
-                new = intervene(arch, site, layer, new, resid_pre, ops, acts, n_rows)
+                new = intervene(arch, site, layer, new, state, ops, acts, n_rows)
             write(envoy, pt[2], value, new)
-            if pt[2] == "input" and pt[1] == "":
-                resid_pre = new
+            if pt == point(arch, "resid_pre", pt[0]):
+                state["resid_pre"] = new
+            if pt == point(arch, "v", pt[0]):
+                state["v"] = view(arch, "v", new)
         logits = nn.output.logits[:, -1].clone()
     return logits
 
 
-def intervene(arch, site, layer, new, resid_pre, ops, acts, n_rows):
+def intervene(arch, site, layer, new, state, ops, acts, n_rows):
     """The module value `new` with `site`'s interventions applied (the one write path of node-level work).
 
     `ops` (over the batch ``[row * prompt, pos(, head)]``), applied in this order:
@@ -77,10 +80,14 @@ def intervene(arch, site, layer, new, resid_pre, ops, acts, n_rows):
     - ``add``: ``[(coefficients, vector)]``: ``coefficient * vector`` is added;
     - ``at``: ``[(fn, batch index, head, pos index)]``: ``fn`` edits those elements last.
 
-    resid_mid (the block input plus the attention branch) is written through the branch:
-    ``new + (target - current)`` leaves untouched elements exactly as they were.
+    resid_mid (the block input, ``state["resid_pre"]``, plus the attention branch) is written
+    through the branch: ``new + (target - current)`` leaves untouched elements exactly as they
+    were. A pattern is written through the head outputs it weighs (`weighed_heads`).
     """
-    current = resid_pre + new if site == "resid_mid" else view(arch, site, new)
+    if site == "pattern":
+        return unview(arch, "head", new, weighed_heads(arch, view(arch, "head", new), state["v"], ops, acts, layer,
+                                                       n_rows))
+    current = state["resid_pre"] + new if site == "resid_mid" else view(arch, site, new)
     target = current
     for mask, src in ops["set"]:
         target = torch.where(mask.to(current.device)[..., None], source_value(acts, src, site, layer, n_rows, current),
@@ -96,15 +103,39 @@ def intervene(arch, site, layer, new, resid_pre, ops, acts, n_rows):
     return unview(arch, site, new, target)
 
 
+def weighed_heads(arch, z, v, ops, acts, layer, n_rows):
+    """Head outputs `z` (``[batch, query, head, d_head]``) with pattern interventions applied: a head's
+    output is its pattern times the values `v` (``[batch, key, kv_head, d_head]``, this pass's), so
+    a set pattern gives ``pattern @ v``, a scaled one ``factor * z`` and an added key-position vector
+    ``z + coefficient * (vector @ v)``; untouched elements keep `z` exactly."""
+    group = arch["n_heads"] // arch["n_kv_heads"]
+    v = v.repeat_interleave(group, dim=2) if group > 1 else v  # [batch, key, head, d_head]
+    target = z
+    for mask, src in ops["set"]:
+        if src[0] == "zero":
+            value = torch.zeros_like(z)
+        else:
+            pattern = source_value(acts, src, "pattern", layer, n_rows, z)
+            value = torch.einsum("bqhk,bkhd->bqhd", pattern.to(v.dtype), v)
+        target = torch.where(mask.to(z.device)[..., None], value, target)
+    if ops["mul"] is not None:
+        target = target * ops["mul"].to(z.device, z.dtype)[..., None]
+    for coef, vector in ops["add"]:
+        weighed = torch.einsum("k,bkhd->bhd", vector.to(v.device, v.dtype), v)[:, None]
+        target = target + coef.to(z.device, z.dtype)[..., None] * weighed
+    return target
+
+
 def source_value(acts, src, site, layer, n_rows, like):
-    """A setting intervention's values for the whole batch (shaped as `like`)."""
+    """A setting intervention's values for the whole batch (``[row * prompt, ...]``, on `like`'s
+    device; zeros shaped as `like`)."""
     kind = src[0]
     if kind == "zero":
         return torch.zeros_like(like)
     cached = acts[(src[1], site, layer)].to(like.device)
     if kind == "mean":
-        return cached.mean(0, keepdim=True).expand_as(like)
-    if kind == "perm":
+        cached = cached.mean(0, keepdim=True).expand_as(cached)
+    elif kind == "perm":
         cached = cached[src[2].to(like.device)]
     return rep(cached, n_rows)
 
