@@ -87,14 +87,16 @@ def patch_heads(model: PatchModel, dataset: PromptPairDataset, *, site: Site | s
                 metric: Metric | str = Metric.LOGIT_DIFF, direction: Direction | str = Direction.DENOISING,
                 seed: int | None = None, progress: bool = True, memory_mb: float = 1024,
                     remote=None) -> xr.Dataset:
-    """Patch every attention head's output, or its q, k or v input, at each layer.
+    """Patch every attention head's output, its q, k or v input, or its attention pattern, at each layer.
 
     For ``k`` and ``v`` on grouped-query models the ``head`` dim indexes key/value
     heads (``n_kv_heads`` of them); patching one changes every query head of its
     group. The attr ``head_kind`` says which.
 
     Args:
-        site: ``head`` (output before the output projection), ``q``, ``k`` or ``v``.
+        site: ``head`` (output before the output projection), ``q``, ``k``, ``v`` or ``pattern``
+            (the head's attention probabilities; needs eager attention, and `per_position`
+            then patches one query position's row).
         per_position: patch each position separately (adds a ``pos`` dim) instead
             of all positions at once.
         (other args as in `patch_layer_pos`)
@@ -105,7 +107,8 @@ def patch_heads(model: PatchModel, dataset: PromptPairDataset, *, site: Site | s
     """
     site = Site(site)
     if not site.per_head:
-        raise ValueError(f"patch_heads takes 'head', 'q', 'k' or 'v', got {site.value!r}; use patch_layer_pos")
+        raise ValueError(f"patch_heads takes 'head', 'q', 'k', 'v' or 'pattern', got {site.value!r}; "
+                         "use patch_layer_pos")
     tokens = tokenize_for(model, dataset)
     layers = _layers(model, layers)
     heads = list(range(model.layout.n_heads_at(site)))
