@@ -36,7 +36,7 @@ from .models import PatchModel
 from .remote import execute, resolve_remote, send_by_value
 
 __all__ = ["CachePass", "PatchResult", "run_rows", "patch_rows", "resolve_row", "derangement", "rows_per_chunk",
-           "chunk_rows", "chunk_progress", "pass_specs",
+           "chunk_rows", "chunk_progress", "pass_specs", "run_masks",
            "gather_chunks", "check_range", "check_components", "checked_gap"]
 
 
@@ -47,6 +47,7 @@ class CachePass:
     Attributes:
         names: the runs, in batch order (e.g. ``("clean", "corrupted")``).
         ids: their tokens, ``[run * prompt, pos]``.
+        mask: for left-padded prompts, True on real tokens, ``[run * prompt, pos]``; None: no padding.
         noise: start from run ``noise["from"]``'s block-0 input plus ``noise["eps"]``
             (``[prompt, n, d_model]``) at positions ``noise["start"] ..`` (causal tracing).
     """
@@ -54,6 +55,7 @@ class CachePass:
     names: tuple[str, ...]
     ids: torch.Tensor
     noise: dict | None = field(default=None)
+    mask: torch.Tensor | None = field(default=None)
 
 
 @dataclass(frozen=True)
@@ -120,12 +122,14 @@ def run_rows(model: PatchModel, *, passes: Sequence[CachePass], base: str, base_
     chunks = chunk_rows(starts, limit)
     sites = {(Site.RESID_PRE, layer) for layer in set(starts) | {0}} | \
         {(i.component.site, i.component.layer) for row in rows for i in row if _source(i, base)}
+    masks = run_masks(passes)
+    real = None if masks is None else masks[base]
     spec = {"arch": model.arch(), "base": base, "base_ids": base_ids,
             "base_embeds": base_embeds, "metric": metric.spec, "kl_from": kl_from, "gap": gap,
             "targets": {"correct": targets.correct, "incorrect": targets.incorrect},
-            "runs": pass_specs(passes, sites),
+            "runs": pass_specs(passes, sites), "base_mask": real, "masks": masks,
             "chunks": [{"start": starts[chunk[0]], "n_rows": len(chunk),
-                        "writes": _plan_writes(model, [rows[r] for r in chunk], n_prompts, n_pos, base)}
+                        "writes": _plan_writes(model, [rows[r] for r in chunk], n_prompts, n_pos, base, real)}
                        for chunk in chunks]}
     with chunk_progress(model, remote, len(chunks), "patching", progress) as update:
         out = execute(model, kpatching.patch_program, spec, update, remote=remote)
@@ -283,7 +287,20 @@ def pass_specs(passes: Sequence[CachePass], sites) -> list[dict]:
     """The cache passes as the plain dicts kernel programs read, each caching `sites`
     (``(Site, layer)`` pairs) in forward order."""
     values = sorted({(site.value, layer) for site, layer in sites}, key=lambda sl: (sl[1], sl[0]))
-    return [{"names": p.names, "ids": p.ids, "sites": values, "noise": p.noise} for p in passes]
+    return [{"names": p.names, "ids": p.ids, "sites": values, "noise": p.noise, "mask": p.mask} for p in passes]
+
+
+def run_masks(passes: Sequence[CachePass]) -> dict[str, torch.Tensor] | None:
+    """Each run's attention mask (``[prompt, pos]``) from passes over left-padded prompts; None
+    when no pass is padded."""
+    if all(p.mask is None for p in passes):
+        return None
+    masks = {}
+    for p in passes:
+        mask = torch.ones_like(p.ids, dtype=torch.bool) if p.mask is None else p.mask.bool()
+        n = len(mask) // len(p.names)
+        masks.update({name: mask[i * n:(i + 1) * n] for i, name in enumerate(p.names)})
+    return masks
 
 
 def gather_chunks(chunks: Sequence[list[int]], parts: Sequence[torch.Tensor], n_prompts: int,
@@ -338,10 +355,11 @@ def _start_layer(model: PatchModel, row: Sequence[Intervention]) -> int:
 
 
 def _plan_writes(model: PatchModel, rows: Sequence[Sequence[Intervention]], n_prompts: int, n_pos: int,
-                 base: str) -> list:
+                 base: str, real: torch.Tensor | None = None) -> list:
     """``[(hook point, [(site, layer, ops), ...]), ...]`` in forward order; ``ops`` holds, over the batch
     ``[row * prompt, pos(, head)]``: ``set`` (``[(mask, source)]``), ``mul`` (factors, or None),
-    ``add`` (``[(coefficients, vector)]``) and ``at`` (``[(fn, batch index, head, pos index)]``)."""
+    ``add`` (``[(coefficients, vector)]``) and ``at`` (``[(fn, batch index, head, pos index)]``).
+    `real` (``[prompt, pos]``, True on real tokens of left-padded prompts) keeps padding untouched."""
     layout = model.layout
     n_rows = len(rows)
     plans: dict[tuple[Site, int], dict] = {}
@@ -367,6 +385,13 @@ def _plan_writes(model: PatchModel, rows: Sequence[Sequence[Intervention]], n_pr
                 batch = torch.arange(r * n_prompts, (r + 1) * n_prompts)
                 pos = torch.arange(n_pos) if c.pos is None else torch.tensor(c.pos)
                 plan["at"].append((i.fn, batch, c.head, pos))
+    if real is not None:
+        for plan in plans.values():
+            keep = real.reshape((1,) + tuple(real.shape) + (1,) * (len(plan["shape"]) - 3))
+            plan["set"] = {source: mask & keep for source, mask in plan["set"].items()}
+            if plan["mul"] is not None:
+                plan["mul"] = torch.where(keep, plan["mul"], torch.ones(()))
+            plan["add"] = {k: (coef * keep, vector) for k, (coef, vector) in plan["add"].items()}
     writes = defaultdict(list)
     for (site, layer), plan in sorted(plans.items(), key=lambda kv: (kv[0][1], kv[0][0].order)):
         if site is Site.RESID_MID:

@@ -255,12 +255,35 @@ def with_clean_logprobs(targets, clean_logits):
 
 
 # ---- caching runs -------------------------------------------------------------------------
-def cache_pass(nn, arch, ids, names, sites, embeds=None):
+def padding(mask):
+    """The keyword arguments of a forward pass over left-padded prompts: the attention mask
+    (`mask`, ``[batch, pos]`` bool, True on real tokens) and the position ids that count real
+    tokens only (learned absolute and rotary embeddings alike; GPT-2-style models do not derive
+    them from the mask). None: no padding, no arguments."""
+    if mask is None:
+        return {}
+    mask = mask.long()
+    return {"attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
+
+
+def clear_padding(resid, mask):
+    """The block input `resid` (``[batch, pos, d_model]``) with 0 at padding (`mask` False).
+
+    Real tokens never attend to padding, but a padding *query* attends to nothing, and models that
+    take the softmax in float32 (Llama, Qwen2, Gemma, ...) turn a float64 model's fully masked row
+    into NaN there; 0 times NaN in the next layer's value product would reach real tokens. Cleared
+    at every block input, padding stays finite and real tokens equal the prompt run alone."""
+    return torch.where(mask.to(resid.device)[..., None], resid, torch.zeros((), dtype=resid.dtype,
+                                                                            device=resid.device))
+
+
+def cache_pass(nn, arch, ids, names, sites, embeds=None, mask=None):
     """One forward pass over several runs stacked along the batch (``ids``: ``[run * prompt, pos]``).
 
     Records the activations at `sites` (``(site, layer)`` pairs) of each run, in canonical
     shape, and the final position's logits. With `embeds` (``[run * prompt, pos, d_model]``)
-    the runs start from those block-0 inputs instead of their token embeddings.
+    the runs start from those block-0 inputs instead of their token embeddings. `mask`
+    (``[run * prompt, pos]``, True on real tokens) marks left padding (`padding`).
 
     Returns ``{(run, site, layer): [prompt, ...]}`` plus ``{(run, "logits"): [prompt, vocab]}``.
     """
@@ -270,13 +293,18 @@ def cache_pass(nn, arch, ids, names, sites, embeds=None):
     by_point = {}
     for site, layer in sites:
         by_point.setdefault(point(arch, site, layer), []).append(site)
+    if mask is not None:  # every block input is cleared at padding (`clear_padding`)
+        for layer in range(arch["n_layers"]):
+            by_point.setdefault(point(arch, "resid_pre", layer), [])
     embed_point = point(arch, "resid_pre", 0)
     store = {}
-    with torch.no_grad(), nn.trace(ids, logits_to_keep=1):
+    with torch.no_grad(), nn.trace(ids, logits_to_keep=1, **padding(mask)):
         for pt in sorted(by_point, key=lambda p: (p[0], p[3])):
             envoy = at(nn, arch, pt)
             if embeds is not None and pt == embed_point:
                 envoy.input = embeds.to(envoy.input.device)
+            if mask is not None and pt[1] == "" and pt[2] == "input":
+                envoy.input = clear_padding(envoy.input, mask)
             raw = first(read(envoy, pt[2]))
             for site in by_point[pt]:
                 store[(site, pt[0])] = view(arch, site, raw).clone()

@@ -5,15 +5,16 @@ Torch-only (see the package docstring): this module runs on the server too.
 
 import torch
 
-from .common import (at, block, cache_pass, first, metric, point, read, rep, repeat_targets, skip_value, stop_for_gap,
-                     unview, upcast, view, with_clean_logprobs, write)
+from .common import (at, block, cache_pass, clear_padding, first, metric, padding, point, read, rep, repeat_targets,
+                     skip_value, stop_for_gap, unview, upcast, view, with_clean_logprobs, write)
 
 
 def cache_runs(nn, arch, runs):
     """Run each cache pass of `runs` in order; returns the merged activation cache.
 
     Each pass is a dict: ``names`` (runs stacked along the batch), ``ids`` (``[run * prompt, pos]``),
-    ``sites`` (``(site, layer)`` pairs) and optionally ``noise``: ``{"from": run, "start": pos,
+    ``sites`` (``(site, layer)`` pairs), optionally ``mask`` (``[run * prompt, pos]``, True on real
+    tokens of left-padded prompts) and ``noise``: ``{"from": run, "start": pos,
     "eps": [prompt, n, d_model]}``, which starts the pass from run ``from``'s block-0 input
     with ``eps`` added at positions ``start .. start + n - 1`` (causal tracing's corruption).
     """
@@ -25,11 +26,11 @@ def cache_runs(nn, arch, runs):
             embeds = acts[(noise["from"], "resid_pre", 0)].clone()
             stop = noise["start"] + noise["eps"].shape[1]
             embeds[:, noise["start"]:stop] += noise["eps"].to(embeds.device, embeds.dtype)
-        acts.update(cache_pass(nn, arch, run["ids"], run["names"], run["sites"], embeds))
+        acts.update(cache_pass(nn, arch, run["ids"], run["names"], run["sites"], embeds, run.get("mask")))
     return acts
 
 
-def patch_chunk(nn, arch, ids, n_rows, start, acts, base, writes, base_embeds=False):
+def patch_chunk(nn, arch, ids, n_rows, start, acts, base, writes, base_embeds=False, mask=None, masks=None):
     """One forward pass of `n_rows` copies of the base run (``ids``: ``[prompt, pos]``), row r
     intervened on as its plan says. Returns the final position's logits, ``[row * prompt, vocab]``.
 
@@ -40,16 +41,25 @@ def patch_chunk(nn, arch, ids, n_rows, start, acts, base, writes, base_embeds=Fa
             A point with no entries is only read (the block input, which resid_mid needs; the
             values, which patterns weigh).
         base_embeds: the base run starts from its cached block-0 input, not its tokens'.
+        mask: the base run's attention mask (``[prompt, pos]``, True on real tokens) for left-padded
+            prompts, or None; `masks`: every run's, for means over real tokens only.
     """
     batch = ids.repeat(n_rows, 1)
     skip = skip_value(arch, rep(acts[(base, "resid_pre", start)], n_rows)) if start else None
     embed_point = point(arch, "resid_pre", 0)
     if base_embeds and start == 0 and all(pt != embed_point for pt, _ in writes):
         writes = [(embed_point, [])] + list(writes)
-    with torch.no_grad(), nn.trace(batch, logits_to_keep=1):
+    mask = None if mask is None else mask.repeat(n_rows, 1)
+    if mask is not None:  # every block input from `start` on is cleared at padding
+        planned = dict(writes)
+        for layer in range(start, arch["n_layers"]):
+            planned.setdefault(point(arch, "resid_pre", layer), [])
+        writes = sorted(planned.items(), key=lambda kv: (kv[0][0], kv[0][3]))
+    padded = padding(mask)
+    with torch.no_grad(), nn.trace(batch, logits_to_keep=1, **padded):
         for layer in range(start):
             block(nn, arch, layer).skip(skip)
-        state = {}  # this pass's current values that later interventions read: the block input, v
+        state = {"masks": masks}  # this pass's current values that later interventions read: the block input, v
         for pt, entries in writes:
             envoy = at(nn, arch, pt)
             value = read(envoy, pt[2])
@@ -57,6 +67,8 @@ def patch_chunk(nn, arch, ids, n_rows, start, acts, base, writes, base_embeds=Fa
             new = raw
             if base_embeds and pt == embed_point:
                 new = rep(acts[(base, "resid_pre", 0)], n_rows).to(raw.device)
+            if mask is not None and pt[1] == "" and pt[2] == "input":
+                new = clear_padding(new, mask)
             for site, layer, ops in entries:
                 new = intervene(arch, site, layer, new, state, ops, acts, n_rows)
             write(envoy, pt[2], value, new)
@@ -85,13 +97,13 @@ def intervene(arch, site, layer, new, state, ops, acts, n_rows):
     were. A pattern is written through the head outputs it weighs (`weighed_heads`).
     """
     if site == "pattern":
-        return unview(arch, "head", new, weighed_heads(arch, view(arch, "head", new), state["v"], ops, acts, layer,
+        return unview(arch, "head", new, weighed_heads(arch, view(arch, "head", new), state, ops, acts, layer,
                                                        n_rows))
     current = state["resid_pre"] + new if site == "resid_mid" else view(arch, site, new)
     target = current
     for mask, src in ops["set"]:
-        target = torch.where(mask.to(current.device)[..., None], source_value(acts, src, site, layer, n_rows, current),
-                             target)
+        value = source_value(acts, src, site, layer, n_rows, current, state.get("masks"))
+        target = torch.where(mask.to(current.device)[..., None], value, target)
     if ops["mul"] is not None:
         target = target * ops["mul"].to(current.device, current.dtype)[..., None]
     for coef, vector in ops["add"]:
@@ -103,19 +115,20 @@ def intervene(arch, site, layer, new, state, ops, acts, n_rows):
     return unview(arch, site, new, target)
 
 
-def weighed_heads(arch, z, v, ops, acts, layer, n_rows):
+def weighed_heads(arch, z, state, ops, acts, layer, n_rows):
     """Head outputs `z` (``[batch, query, head, d_head]``) with pattern interventions applied: a head's
-    output is its pattern times the values `v` (``[batch, key, kv_head, d_head]``, this pass's), so
+    output is its pattern times the values ``state["v"]`` (``[batch, key, kv_head, d_head]``, this pass's), so
     a set pattern gives ``pattern @ v``, a scaled one ``factor * z`` and an added key-position vector
     ``z + coefficient * (vector @ v)``; untouched elements keep `z` exactly."""
     group = arch["n_heads"] // arch["n_kv_heads"]
+    v = state["v"]
     v = v.repeat_interleave(group, dim=2) if group > 1 else v  # [batch, key, head, d_head]
     target = z
     for mask, src in ops["set"]:
         if src[0] == "zero":
             value = torch.zeros_like(z)
         else:
-            pattern = source_value(acts, src, "pattern", layer, n_rows, z)
+            pattern = source_value(acts, src, "pattern", layer, n_rows, z, state.get("masks"))
             value = torch.einsum("bqhk,bkhd->bqhd", pattern.to(v.dtype), v)
         target = torch.where(mask.to(z.device)[..., None], value, target)
     if ops["mul"] is not None:
@@ -126,7 +139,17 @@ def weighed_heads(arch, z, v, ops, acts, layer, n_rows):
     return target
 
 
-def source_value(acts, src, site, layer, n_rows, like):
+def real_mean(cached, mask):
+    """The mean of `cached` (``[prompt, pos, ...]``) over prompts at each position, over real tokens
+    only when `mask` (``[prompt, pos]``) marks left padding (aligned from the end); ``[1, pos, ...]``."""
+    if mask is None:
+        return cached.mean(0, keepdim=True)
+    real = mask.to(cached.device).reshape(mask.shape + (1,) * (cached.dim() - 2))
+    total = torch.where(real, cached, torch.zeros((), dtype=cached.dtype, device=cached.device)).sum(0, keepdim=True)
+    return total / real.sum(0, keepdim=True).clamp(min=1).to(cached.dtype)
+
+
+def source_value(acts, src, site, layer, n_rows, like, masks=None):
     """A setting intervention's values for the whole batch (``[row * prompt, ...]``, on `like`'s
     device; zeros shaped as `like`)."""
     kind = src[0]
@@ -134,7 +157,7 @@ def source_value(acts, src, site, layer, n_rows, like):
         return torch.zeros_like(like)
     cached = acts[(src[1], site, layer)].to(like.device)
     if kind == "mean":
-        cached = cached.mean(0, keepdim=True).expand_as(cached)
+        cached = real_mean(cached, None if masks is None else masks.get(src[1])).expand_as(cached)
     elif kind == "perm":
         cached = cached[src[2].to(like.device)]
     return rep(cached, n_rows)
@@ -165,7 +188,8 @@ def patch_program(nn, spec, progress=None):
     `spec`: ``arch``, ``runs`` (see `cache_runs`), ``base`` run name, ``base_ids``
     (``[prompt, pos]``), ``base_embeds``, ``metric`` (name), ``targets`` (``correct``,
     ``incorrect``: ``[prompt]``), ``kl_from`` (run whose logits are the KL reference) and
-    ``chunks``: ``[{"start", "n_rows", "writes"}]`` (``writes``: see `patch_chunk`). ``gap`` (optional): two run
+    ``chunks``: ``[{"start", "n_rows", "writes"}]`` (``writes``: see `patch_chunk`). For left-padded
+    prompts, ``base_mask`` (``[prompt, pos]``) and ``masks`` (``{run: [prompt, pos]}``), True on real tokens. ``gap`` (optional): two run
     names; when their metrics leave no gap to normalise by (`stop_for_gap`), the program returns
     before its chunks, with ``values`` empty.
 
@@ -181,7 +205,7 @@ def patch_program(nn, spec, progress=None):
     values = []
     for chunk in spec["chunks"]:
         logits = patch_chunk(nn, arch, spec["base_ids"], chunk["n_rows"], chunk["start"], acts, spec["base"],
-                             chunk["writes"], spec["base_embeds"])
+                             chunk["writes"], spec["base_embeds"], spec.get("base_mask"), spec.get("masks"))
         values.append(metric(spec["metric"], logits, repeat_targets(targets, chunk["n_rows"])))
         if progress is not None:
             progress(1)
