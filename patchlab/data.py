@@ -389,8 +389,8 @@ def _pair_from_json(obj: dict, where: str) -> PromptPair:
     for key in _PAIR_FIELDS[:4]:
         value = obj[key]
         if not isinstance(value, str) and not (key in ("correct", "incorrect") and isinstance(value, list)):
-            raise DatasetError(f"{where}: field {key!r} must be a string{'' if key in ('clean', 'corrupted') else ' or a list of strings'}, "
-                               f"got {type(value).__name__}")
+            kinds = "a string" if key in ("clean", "corrupted") else "a string or a list of strings"
+            raise DatasetError(f"{where}: field {key!r} must be {kinds}, got {type(value).__name__}")
     if not isinstance(obj["positions"], dict):
         raise DatasetError(f"{where}: field 'positions' must be an object mapping names to "
                            f"token indices, got {type(obj['positions']).__name__}")

@@ -4,9 +4,9 @@ A metric maps final-position logits ``[batch, vocab]`` and per-row targets to on
 value per row ``[batch]``. Metrics are torch-only, so they can run inside a trace
 (locally or on a remote server). Answers may be sets (``PromptPair(correct=(" I", " As"))``):
 a set's logit is the logsumexp of its tokens' logits, its probability their sum. A user function
-``f(logits [batch, vocab], targets) -> [batch]`` is a metric too (`MetricFunction`). Sources: Zhang & Nanda 2023, "Towards Best
-Practices of Activation Patching" (arXiv 2309.16042) recommend the logit
-difference; probability hides negative components.
+``f(logits [batch, vocab], targets) -> [batch]`` is a metric too (`MetricFunction`).
+Sources: Zhang & Nanda 2023, "Towards Best Practices of Activation Patching" (arXiv
+2309.16042) recommend the logit difference; probability hides negative components.
 
 Normalised patching score (Heimersheim & Nanda 2024, arXiv 2404.15255), computed
 on means over prompts:
@@ -35,7 +35,8 @@ import torch
 from ._choices import Choice
 from .kernels import common as K
 
-__all__ = ["Metric", "MetricFunction", "Targets", "Direction", "get_metric", "score_formula", "normalised_score", "BaselineGapError",
+__all__ = ["Metric", "MetricFunction", "Targets", "Direction", "get_metric", "score_formula", "normalised_score",
+           "BaselineGapError",
            "check_gap"]
 
 

@@ -39,7 +39,8 @@ from typing import Any, Callable
 
 import nnsight
 
-__all__ = ["Remote", "execute", "resolve_remote", "model_key", "send_by_value", "RemoteExecutionError", "RemoteConnectionError",
+__all__ = ["Remote", "execute", "resolve_remote", "model_key", "send_by_value", "RemoteExecutionError",
+           "RemoteConnectionError",
            "RemoteAuthError", "RemoteJobError", "RemoteTimeoutError"]
 
 nnsight.register("patchlab.kernels")  # kernels travel by value (as source) with every request

@@ -161,10 +161,10 @@ def resolve_row(row: Sequence[Intervention], names: Mapping[str, int], n_pos: in
             for other in setting[key]:
                 a, b = other.component.pos, c.pos
                 if a is None or b is None or set(a) & set(b):
-                    raise ValueError(f"{other.label} and {i.label} both set {c.site.value} at layer {c.layer}"
-                                     f"{'' if c.head is None else f' head {c.head}'} at the same positions: a joint set "
-                                     "may set each element once. Drop one, or give them disjoint positions "
-                                     "(Scale and Steer combine with a setting intervention instead)")
+                    where = f"layer {c.layer}" + ("" if c.head is None else f" head {c.head}")
+                    raise ValueError(f"{other.label} and {i.label} both set {c.site.value} at {where} at the same "
+                                     "positions: a joint set may set each element once. Drop one, or give them "
+                                     "disjoint positions (Scale and Steer combine with a setting intervention instead)")
             setting[key].append(i)
     return out
 
@@ -403,7 +403,8 @@ def _plan_writes(model: PatchModel, rows: Sequence[Sequence[Intervention]], n_pr
                "add": [(coef.flatten(0, 1), vector) for coef, vector in plan["add"].values()],
                "at": plan["at"]}
         writes[model.adapter.write_point(site, layer)].append((site.value, layer, ops))
-    return [((p.layer, p.path, p.io, p.rank), entries) for p, entries in sorted(writes.items(), key=lambda kv: kv[0].sort_key)]
+    return [((p.layer, p.path, p.io, p.rank), entries)
+            for p, entries in sorted(writes.items(), key=lambda kv: kv[0].sort_key)]
 
 
 def _kernel_source(source: tuple, n_prompts: int) -> tuple:
