@@ -109,13 +109,14 @@ def run_rows(model: PatchModel, *, passes: Sequence[CachePass], base: str, base_
     run_names = {name for p in passes for name in p.names}
     for row in rows:
         for i in row:
-            _check_intervention(model, i, run_names | {base}, n_prompts, n_pos)
-    if resolve_remote(remote, model.remote) is not None and any(isinstance(i, At) for row in rows for i in row):
+            _check_intervention(model, i, run_names | {base}, base, n_prompts, n_pos)
+    remotely = resolve_remote(remote, model.remote) is not None
+    if remotely and any(isinstance(i, At) for row in rows for i in row):
         raise ValueError("an At intervention runs a local Python function and cannot travel with remote=; express "
                          "it with Patch, Ablate, Steer, Scale or Freeze, or run it here (remote=False)")
     if isinstance(metric, MetricFunction):
         metric.check(model.layout.vocab_size, targets)
-        if resolve_remote(remote, model.remote) is not None:
+        if remotely:
             send_by_value(metric.fn)
     limit = max_rows or rows_per_chunk(model, n_prompts, n_pos, memory_mb)
     starts = [_start_layer(model, row) for row in rows]
@@ -169,7 +170,7 @@ def resolve_row(row: Sequence[Intervention], names: Mapping[str, int], n_pos: in
     return out
 
 
-def _check_intervention(model: PatchModel, i: Intervention, runs: set, n_prompts: int, n_pos: int) -> None:
+def _check_intervention(model: PatchModel, i: Intervention, runs: set, base: str, n_prompts: int, n_pos: int) -> None:
     c = i.component
     if c.site is Site.PATTERN:
         check_pattern_site(model)
@@ -183,10 +184,10 @@ def _check_intervention(model: PatchModel, i: Intervention, runs: set, n_prompts
         if i.vector.numel() != width:
             raise ValueError(f"{i.label}: the vector has {i.vector.numel()} entries; {c.site.value} needs "
                              f"[{name}] = [{width}]")
-    needed = {Patch: lambda: i.source.value, Ablate: lambda: None if i.how is Ablation.ZERO else "corrupted"}
-    run = needed.get(type(i), lambda: None)()
-    if run is not None and run not in runs:
-        raise ValueError(f"{i.label} reads the {run!r} run, which this experiment does not run (runs: {sorted(runs)})")
+    source = _source(i, base)
+    if source is not None and len(source) > 1 and source[1] not in runs:
+        raise ValueError(f"{i.label} reads the {source[1]!r} run, which this experiment does not run "
+                         f"(runs: {sorted(runs)})")
     if isinstance(i, Ablate) and i.seed is not None and n_prompts < 2:
         raise ValueError(f"{i.label}: resampling from another pair needs at least 2 prompt pairs, the dataset has "
                          f"{n_prompts}; drop seed= to resample from the same pair")

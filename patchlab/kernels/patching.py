@@ -156,9 +156,10 @@ def source_value(acts, src, site, layer, n_rows, like, masks=None):
     if kind == "zero":
         return torch.zeros_like(like)
     cached = acts[(src[1], site, layer)].to(like.device)
-    if kind == "mean":
-        cached = real_mean(cached, None if masks is None else masks.get(src[1])).expand_as(cached)
-    elif kind == "perm":
+    if kind == "mean":  # one mean for every row and prompt: a view, not a copy
+        mean = real_mean(cached, None if masks is None else masks.get(src[1]))
+        return mean.expand(n_rows * cached.shape[0], *mean.shape[1:])
+    if kind == "perm":
         cached = cached[src[2].to(like.device)]
     return rep(cached, n_rows)
 
