@@ -75,7 +75,7 @@ def acdc(model: PatchModel, dataset: PromptPairDataset, *, tau: float = 0.01, me
         ValueError: candidates outside the graph; a checkpoint of a different search.
     """
     metric = get_metric(metric)
-    tokens = tokenize_for(model, dataset)
+    tokens = tokenize_for(model, dataset, unpadded="acdc")
     graph = Graph.from_model(model, n_pos=tokens.n_pos if per_position else None)
     every = list(graph.edges())
     allowed = set(every) if candidates is None else set(candidates)

@@ -95,7 +95,7 @@ def eap_ig(model: PatchModel, dataset: PromptPairDataset, *, steps: int = 5, met
 
 
 def _attribute(model, dataset, *, steps, method, metric, direction, per_position, seed, remote) -> xr.Dataset:
-    tokens = tokenize_for(model, dataset)
+    tokens = tokenize_for(model, dataset, unpadded=method)
     metric, direction = get_metric(metric), Direction(direction)
     noising = direction is Direction.NOISING
     base_ids, source_ids = (tokens.clean_ids, tokens.corrupted_ids) if noising else (tokens.corrupted_ids, tokens.clean_ids)

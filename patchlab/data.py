@@ -3,11 +3,12 @@
 A `PromptPair` is a clean prompt (the behaviour happens), a corrupted prompt (it
 does not), the answer token the clean prompt should produce (`correct`) and the
 one the corruption pushes towards (`incorrect`), plus named token positions
-("IO", "S1", "S2", "END", ...). A `PromptPairDataset` is an immutable tuple of
-pairs with a name and the corruption used, stored as JSON lines. `tokenize`
-checks that the dataset can be patched position by position and returns
-`TokenizedPairs`: id tensors of shape ``[prompt, pos]`` and answer ids of shape
-``[prompt]``.
+("IO", "S1", "S2", "END", ...), per pair: "S2" may be token 9 of one prompt and token
+12 of another, and a corrupted prompt may have other indices (`corrupted_positions`). A
+`PromptPairDataset` is an immutable tuple of pairs with a name and the corruption used,
+stored as JSON lines. `tokenize` validates it and returns `TokenizedPairs`: id tensors of
+shape ``[prompt, pos]``, left-padded when prompts differ in length (with attention masks),
+and answer ids of shape ``[prompt]``.
 
 Clean/corrupted pairs with symmetric token replacement follow Zhang & Nanda 2023
 ("Towards Best Practices of Activation Patching", arXiv 2309.16042).
@@ -25,17 +26,19 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping
 import torch
 
 from ._io import atomic_write_text
+from .positions import PromptPositions, RunPositions
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 __all__ = ["DatasetError", "NamedPositions", "PromptPair", "PromptPairDataset",
-           "TokenizedPairs", "FORMAT"]
+           "TokenizedPairs", "FORMAT", "pad_token"]
 
 FORMAT = "patchlab.prompt_pairs/1"
 """Value of the ``format`` field in the header line of a prompt-pair JSONL file."""
 
 _PAIR_FIELDS = ("clean", "corrupted", "correct", "incorrect", "positions")
+_OPTIONAL_FIELDS = ("corrupted_positions",)
 
 
 class DatasetError(ValueError):
@@ -96,7 +99,8 @@ class PromptPair:
     Args:
         clean: the prompt on which the model shows the behaviour.
         corrupted: the same prompt with the information the behaviour needs
-            replaced; it must tokenize to as many tokens as `clean`.
+            replaced. It may tokenize to another length than `clean`; then name the
+            positions that correspond (`corrupted_positions`) or align from the end.
         correct: answer token text for the clean prompt, e.g. " Mary" (the
             leading space is part of the token), or a set of them, e.g. ``(" I", " As")``:
             metrics then combine the set (logsumexp of logits, sum of probabilities).
@@ -104,11 +108,14 @@ class PromptPair:
         positions: named token positions, e.g. ``{"IO": 2, "S1": 4, "S2": 10,
             "END": 14}``: 0-based indices into the tokenized clean prompt, as
             tokenized with the tokenizer's default special tokens (a BOS the
-            tokenizer adds counts as position 0). Stored as `NamedPositions`.
+            tokenizer adds counts as position 0). Stored as `NamedPositions`. Every pair
+            of a dataset names the same positions; their indices may differ per pair.
+        corrupted_positions: the same names as indices into the corrupted prompt, when
+            they differ from `positions` (None: the same indices).
 
     Raises:
         DatasetError: a field that is not a non-empty string, equal correct and
-            incorrect answers, or bad positions.
+            incorrect answers, bad positions, or `corrupted_positions` with other names.
     """
 
     clean: str
@@ -116,6 +123,7 @@ class PromptPair:
     correct: str | tuple[str, ...]
     incorrect: str | tuple[str, ...]
     positions: Mapping[str, int] = field(default_factory=NamedPositions)
+    corrupted_positions: Mapping[str, int] | None = None
 
     def __post_init__(self) -> None:
         for name in ("clean", "corrupted"):
@@ -129,12 +137,23 @@ class PromptPair:
             raise DatasetError(f"PromptPair.correct and .incorrect both hold {sorted(shared)[0]!r}; "
                                "give different answer tokens")
         object.__setattr__(self, "positions", NamedPositions(self.positions))
+        corrupted = self.positions if self.corrupted_positions is None else NamedPositions(self.corrupted_positions)
+        if set(corrupted) != set(self.positions):
+            name = sorted(set(corrupted) ^ set(self.positions))[0]
+            raise DatasetError(f"PromptPair {self.clean!r}: position {name!r} is named in "
+                               f"{'corrupted_positions' if name in corrupted else 'positions'} only; "
+                               "corrupted_positions names the same positions as positions, in the corrupted prompt")
+        object.__setattr__(self, "corrupted_positions", corrupted)
 
     def to_json(self) -> dict[str, Any]:
-        """JSON-ready dict with the keys in a fixed order."""
+        """JSON-ready dict with the keys in a fixed order (``corrupted_positions`` only when it
+        differs from ``positions``)."""
         listed = lambda a: a if isinstance(a, str) else list(a)  # noqa: E731
-        return {"clean": self.clean, "corrupted": self.corrupted, "correct": listed(self.correct),
-                "incorrect": listed(self.incorrect), "positions": dict(self.positions)}
+        out = {"clean": self.clean, "corrupted": self.corrupted, "correct": listed(self.correct),
+               "incorrect": listed(self.incorrect), "positions": dict(self.positions)}
+        if self.corrupted_positions != self.positions:
+            out["corrupted_positions"] = dict(self.corrupted_positions)
+        return out
 
 
 def answer_texts(answers: str | tuple[str, ...]) -> tuple[str, ...]:
@@ -162,35 +181,46 @@ def _answers(value, name: str) -> str | tuple[str, ...]:
 class TokenizedPairs:
     """A tokenized, validated `PromptPairDataset`.
 
+    Prompts of different lengths are left-padded to the longest (`pad_token_id`); the masks
+    mark real tokens. Positions per prompt are in the prompt's own tokens (0 is its first token).
+
     Attributes:
-        clean_ids: clean prompt token ids, ``[prompt, pos]``, int64.
-        corrupted_ids: corrupted prompt token ids, ``[prompt, pos]``, int64.
+        clean_ids: clean prompt token ids, ``[prompt, pos]``, int64, left-padded.
+        corrupted_ids: corrupted prompt token ids, ``[prompt, pos]``, int64, left-padded.
+        clean_mask, corrupted_mask: True on real tokens, ``[prompt, pos]``, bool.
         correct_ids: id of the correct answer token, ``[prompt]``, int64; with answer sets
             ``[prompt, answer]``, padded with -1.
         incorrect_ids: id of the incorrect answer token(s), likewise.
-        positions: named token positions, identical for every prompt.
-        clean_tokens: readable token strings, ``[prompt][pos]`` (" Mary", not "ĠMary").
-        corrupted_tokens: readable corrupted token strings, ``[prompt][pos]``.
+        clean_positions, corrupted_positions: each prompt's named positions (`NamedPositions`),
+            ``[prompt]``.
+        clean_tokens: readable token strings of the real tokens, ``[prompt][token]`` (" Mary", not "ĠMary").
+        corrupted_tokens: readable corrupted token strings, likewise.
+        pad_token_id: the id at padding, and `pad_token` how it was chosen (`pad_token`).
     """
 
     clean_ids: torch.Tensor
     corrupted_ids: torch.Tensor
+    clean_mask: torch.Tensor
+    corrupted_mask: torch.Tensor
     correct_ids: torch.Tensor
     incorrect_ids: torch.Tensor
-    positions: Mapping[str, int]
+    clean_positions: tuple[NamedPositions, ...]
+    corrupted_positions: tuple[NamedPositions, ...]
     clean_tokens: tuple[tuple[str, ...], ...]
     corrupted_tokens: tuple[tuple[str, ...], ...]
+    pad_token_id: int
+    pad_token: str
 
     def __post_init__(self) -> None:
         shape = tuple(self.clean_ids.shape)
-        if len(shape) != 2 or tuple(self.corrupted_ids.shape) != shape:
-            raise DatasetError(f"clean_ids and corrupted_ids must share one [prompt, pos] shape, "
-                               f"got {shape} and {tuple(self.corrupted_ids.shape)}")
+        for name in ("corrupted_ids", "clean_mask", "corrupted_mask"):
+            if len(shape) != 2 or tuple(getattr(self, name).shape) != shape:
+                raise DatasetError(f"clean_ids and {name} must share one [prompt, pos] shape, "
+                                   f"got {shape} and {tuple(getattr(self, name).shape)}")
         for name in ("correct_ids", "incorrect_ids"):
             got = tuple(getattr(self, name).shape)
             if got[:1] != shape[:1] or len(got) not in (1, 2):
                 raise DatasetError(f"{name} must have shape [prompt] = {shape[:1]} (or [prompt, answer]), got {got}")
-        object.__setattr__(self, "positions", NamedPositions(self.positions))
 
     @property
     def n_prompts(self) -> int:
@@ -199,8 +229,43 @@ class TokenizedPairs:
 
     @property
     def n_pos(self) -> int:
-        """Size of the ``pos`` dim (tokens per prompt, special tokens included)."""
+        """Size of the ``pos`` dim: tokens of the longest prompt, special tokens included."""
         return int(self.clean_ids.shape[1])
+
+    @property
+    def padded(self) -> bool:
+        """Whether some prompt is shorter than `n_pos` (the batch is left-padded)."""
+        return not bool(self.clean_mask.all() and self.corrupted_mask.all())
+
+    def run_positions(self) -> PromptPositions:
+        """The clean and corrupted runs' lengths and named positions (`patchlab.positions`)."""
+        def run(mask, positions):
+            names = {k: torch.tensor([p[k] for p in positions], dtype=torch.long) for k in positions[0]}
+            return RunPositions(lengths=mask.sum(1), width=self.n_pos, names=names)
+        return PromptPositions(runs={"clean": run(self.clean_mask, self.clean_positions),
+                                     "corrupted": run(self.corrupted_mask, self.corrupted_positions)})
+
+    @property
+    def positions(self) -> NamedPositions:
+        """The named positions as batch columns, when every prompt has each name at the same column.
+
+        Raises:
+            DatasetError: the columns differ between prompts; use `clean_positions` /
+                `corrupted_positions` (per prompt) or `run_positions`.
+        """
+        shared = self.run_positions().shared()
+        if shared is None:
+            raise DatasetError("the named positions of this dataset differ between prompts, so no one index "
+                               "holds for all; read them per prompt (clean_positions, corrupted_positions), and give "
+                               "components positions by name or from the end")
+        return NamedPositions(shared)
+
+    def pad_attrs(self) -> dict[str, Any]:
+        """Result attrs describing the padding: ``padding`` ("left" or "none") and, when padded,
+        ``pad_token_id`` and ``pad_token`` (how it was chosen)."""
+        if not self.padded:
+            return {"padding": "none"}
+        return {"padding": "left", "pad_token_id": self.pad_token_id, "pad_token": self.pad_token}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -282,25 +347,25 @@ class PromptPairDataset:
 
     def tokenize(self, tokenizer: "PreTrainedTokenizerBase", *,
                  max_length: int | None = None) -> TokenizedPairs:
-        """Tokenize and validate every pair for position-wise patching.
+        """Tokenize and validate every pair.
 
         Prompts are tokenized with the tokenizer's default special tokens (so a BOS,
-        if the tokenizer adds one, is position 0); answers without special tokens.
+        if the tokenizer adds one, is position 0); answers without special tokens. Prompts of
+        different lengths (across pairs, or clean against corrupted) are left-padded to the
+        longest with `pad_token`'s choice; named positions stay per prompt.
 
         Args:
             tokenizer: a Hugging Face tokenizer.
             max_length: the model's context length; longer prompts are an error.
 
         Returns:
-            `TokenizedPairs` with ids ``[prompt, pos]`` and answer ids ``[prompt]``.
+            `TokenizedPairs` with ids and masks ``[prompt, pos]`` and answer ids ``[prompt]``.
 
         Raises:
             DatasetError: an answer that is not exactly one token; correct and
-                incorrect answers that tokenize to the same id; clean and
-                corrupted prompts of different token lengths; prompts of different
-                token lengths across the dataset; a prompt longer than
-                `max_length`; named positions outside a prompt or not identical
-                across prompts. The message names the prompt index, its text and the fix.
+                incorrect answers that tokenize to the same id; a prompt longer than
+                `max_length`; a named position outside its prompt; pairs that name different
+                positions. The message names the prompt index, its text and the fix.
         """
         if max_length is not None and (isinstance(max_length, bool)
                                        or not isinstance(max_length, int) or max_length < 1):
@@ -313,34 +378,27 @@ class PromptPairDataset:
             _check_answer_ids(tokenizer, pair, i, correct_ids[-1], incorrect_ids[-1])
             clean = list(tokenizer(pair.clean)["input_ids"])
             corrupted = list(tokenizer(pair.corrupted)["input_ids"])
-            if len(clean) != len(corrupted):
-                raise DatasetError(
-                    f"prompt {i}: clean prompt {pair.clean!r} is {len(clean)} tokens but corrupted "
-                    f"prompt {pair.corrupted!r} is {len(corrupted)} tokens "
-                    f"({_readable(tokenizer, clean)} vs {_readable(tokenizer, corrupted)}); "
-                    "fix: corrupt by replacing tokens one for one (e.g. swap single-token names)")
-            if max_length is not None and len(clean) > max_length:
-                raise DatasetError(
-                    f"prompt {i}: {pair.clean!r} is {len(clean)} tokens, longer than "
-                    f"max_length={max_length} (the model's context); fix: shorten the prompt")
-            if clean_ids and len(clean) != len(clean_ids[0]):
-                raise DatasetError(
-                    f"prompt {i}: {pair.clean!r} is {len(clean)} tokens but prompt 0 "
-                    f"{first.clean!r} is {len(clean_ids[0])} tokens; all prompts of a dataset "
-                    "must have one token length because patching positions are token indices "
-                    "shared by all prompts; fix: build the dataset from templates of one token "
-                    "length, or split it into one dataset per length")
-            _check_positions(pair, i, len(clean), first)
+            for role, text, ids in (("clean", pair.clean, clean), ("corrupted", pair.corrupted, corrupted)):
+                if max_length is not None and len(ids) > max_length:
+                    raise DatasetError(
+                        f"prompt {i}: {role} prompt {text!r} is {len(ids)} tokens, longer than "
+                        f"max_length={max_length} (the model's context); fix: shorten the prompt")
+            _check_positions(pair, i, len(clean), len(corrupted), first)
             clean_ids.append(clean)
             corrupted_ids.append(corrupted)
+        pad_id, pad_how = pad_token(tokenizer)
+        width = max(len(ids) for ids in clean_ids + corrupted_ids)
+        clean, clean_mask = _left_padded(clean_ids, width, pad_id)
+        corrupted, corrupted_mask = _left_padded(corrupted_ids, width, pad_id)
         return TokenizedPairs(
-            clean_ids=torch.tensor(clean_ids, dtype=torch.long),
-            corrupted_ids=torch.tensor(corrupted_ids, dtype=torch.long),
+            clean_ids=clean, corrupted_ids=corrupted, clean_mask=clean_mask, corrupted_mask=corrupted_mask,
             correct_ids=_answer_tensor(correct_ids, incorrect_ids),
             incorrect_ids=_answer_tensor(incorrect_ids, correct_ids),
-            positions=first.positions,
+            clean_positions=tuple(p.positions for p in self.pairs),
+            corrupted_positions=tuple(p.corrupted_positions for p in self.pairs),
             clean_tokens=tuple(_readable(tokenizer, ids) for ids in clean_ids),
             corrupted_tokens=tuple(_readable(tokenizer, ids) for ids in corrupted_ids),
+            pad_token_id=pad_id, pad_token=pad_how,
         )
 
 
@@ -382,18 +440,19 @@ def _pair_from_json(obj: dict, where: str) -> PromptPair:
     if missing:
         raise DatasetError(f"{where}: missing field {missing[0]!r}; each pair needs "
                            f"{', '.join(_PAIR_FIELDS)}")
-    unknown = sorted(set(obj) - set(_PAIR_FIELDS))
+    unknown = sorted(set(obj) - set(_PAIR_FIELDS) - set(_OPTIONAL_FIELDS))
     if unknown:
-        raise DatasetError(f"{where}: unknown field {unknown[0]!r}; each pair has exactly "
-                           f"{', '.join(_PAIR_FIELDS)}")
+        raise DatasetError(f"{where}: unknown field {unknown[0]!r}; each pair has "
+                           f"{', '.join(_PAIR_FIELDS)} and optionally {', '.join(_OPTIONAL_FIELDS)}")
     for key in _PAIR_FIELDS[:4]:
         value = obj[key]
         if not isinstance(value, str) and not (key in ("correct", "incorrect") and isinstance(value, list)):
             kinds = "a string" if key in ("clean", "corrupted") else "a string or a list of strings"
             raise DatasetError(f"{where}: field {key!r} must be {kinds}, got {type(value).__name__}")
-    if not isinstance(obj["positions"], dict):
-        raise DatasetError(f"{where}: field 'positions' must be an object mapping names to "
-                           f"token indices, got {type(obj['positions']).__name__}")
+    for key in ("positions", "corrupted_positions"):
+        if key in obj and not isinstance(obj[key], dict):
+            raise DatasetError(f"{where}: field {key!r} must be an object mapping names to "
+                               f"token indices, got {type(obj[key]).__name__}")
     try:
         return PromptPair(**obj)
     except DatasetError as e:
@@ -443,24 +502,42 @@ def _readable(tokenizer, ids: list[int]) -> tuple[str, ...]:
                  for t in tokenizer.convert_ids_to_tokens(list(ids)))
 
 
-def _check_positions(pair: PromptPair, i: int, n_pos: int, first: PromptPair) -> None:
-    for name, index in pair.positions.items():
-        if index >= n_pos:
-            raise DatasetError(
-                f"prompt {i} ({pair.clean!r}): position {name!r}={index} is outside the prompt "
-                f"of {n_pos} tokens (valid: 0..{n_pos - 1}, counting special tokens the "
-                "tokenizer adds); fix: recompute positions with this tokenizer")
-    if pair.positions != first.positions:
-        names = set(pair.positions) ^ set(first.positions)
-        if names:
-            name = sorted(names)[0]
-            problem = (f"position {name!r} is in prompt {'0' if name in first.positions else i} "
-                       f"but not in prompt {i if name in first.positions else 0}")
-        else:
-            name = next(k for k in first.positions if pair.positions[k] != first.positions[k])
-            problem = (f"position {name!r} is {pair.positions[name]} here but "
-                       f"{first.positions[name]} in prompt 0")
+def _check_positions(pair: PromptPair, i: int, n_clean: int, n_corrupted: int, first: PromptPair) -> None:
+    for role, positions, n_pos in (("clean", pair.positions, n_clean),
+                                   ("corrupted", pair.corrupted_positions, n_corrupted)):
+        for name, index in positions.items():
+            if index >= n_pos:
+                raise DatasetError(
+                    f"prompt {i} ({pair.clean!r}): position {name!r}={index} is outside the {role} prompt "
+                    f"of {n_pos} tokens (valid: 0..{n_pos - 1}, counting special tokens the "
+                    "tokenizer adds); fix: recompute positions with this tokenizer")
+    names = set(pair.positions) ^ set(first.positions)
+    if names:
+        name = sorted(names)[0]
         raise DatasetError(
-            f"prompt {i} ({pair.clean!r}): {problem}; named positions must be identical across "
-            f"prompts (prompt 0 {first.clean!r} has {dict(first.positions)}); fix: build the "
-            "dataset from templates with one token structure, or split it")
+            f"prompt {i} ({pair.clean!r}): position {name!r} is in prompt {'0' if name in first.positions else i} "
+            f"but not in prompt {i if name in first.positions else 0}; every pair names the same positions "
+            f"(prompt 0 {first.clean!r} has {sorted(first.positions)}), at its own indices; fix: name "
+            f"{name!r} in every pair, or drop it")
+
+
+def pad_token(tokenizer) -> tuple[int, str]:
+    """The id that fills left padding and how it was chosen: the tokenizer's pad token, else its
+    EOS token, else its BOS token, else id 0. Padding is masked out and never read, so the choice
+    changes no value; it is recorded in result attrs."""
+    for attr in ("pad_token_id", "eos_token_id", "bos_token_id"):
+        value = getattr(tokenizer, attr, None)
+        if value is not None:
+            return int(value), {"pad_token_id": "the tokenizer's pad token", "eos_token_id": "EOS (no pad token)",
+                                "bos_token_id": "BOS (no pad or EOS token)"}[attr]
+    return 0, "id 0 (no pad, EOS or BOS token)"
+
+
+def _left_padded(seqs: list[list[int]], width: int, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ids ``[prompt, width]`` with each sequence at the right, and True on its tokens."""
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.bool)
+    for i, seq in enumerate(seqs):
+        ids[i, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+        mask[i, width - len(seq):] = True
+    return ids, mask

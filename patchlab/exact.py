@@ -55,7 +55,7 @@ def exact_edge_scores(model: PatchModel, dataset: PromptPairDataset, *, edges: I
         ValueError: an edge outside the model's graph; a checkpoint of other edges or settings.
     """
     metric, direction = get_metric(metric), Direction(direction)
-    tokens = tokenize_for(model, dataset)
+    tokens = tokenize_for(model, dataset, unpadded="exact_edge_scores")
     if edges is None:
         graph = Graph.from_model(model, n_pos=tokens.n_pos if per_position else None)
         edges = list(graph.edges())

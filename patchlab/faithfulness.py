@@ -77,7 +77,7 @@ def evaluate_circuits(model: PatchModel, dataset: PromptPairDataset, circuits: S
     labels = [str(len(c)) for c in circuits] if labels is None else [str(lab) for lab in labels]
     if len(labels) != len(circuits):
         raise ValueError(f"{len(labels)} labels for {len(circuits)} circuits")
-    tokens = tokenize_for(model, dataset)
+    tokens = tokenize_for(model, dataset, unpadded="circuit evaluation")
     graph = _graph_for(model, circuits, tokens.n_pos)
     every = frozenset(graph.edges())
     rows = [every] + [_ablated(graph, every, c, level) for c in circuits]

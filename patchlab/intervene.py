@@ -42,7 +42,7 @@ from .graph_runner import edge_patch_rows
 from .interventions import Ablate, At, Freeze, Intervention, Patch, PatchEdge, Run, Scale, Steer, joint_set
 from .metrics import Direction, Metric, get_metric
 from .models import PatchModel, takes_model
-from .patching import pair_targets, result_dataset, run_pair, tokenize_for
+from .patching import pair_targets, refuse_padding, result_dataset, run_pair, tokenize_for
 from .runner import run_rows
 
 __all__ = ["run_interventions", "sweep_interventions", "trace", "InterventionTrace"]
@@ -87,7 +87,7 @@ def sweep_interventions(model: PatchModel, dataset: PromptPairDataset,
     else:
         result = run_rows(model, passes=[run_pair(tokens)], base=base.value,
                           base_ids=tokens.corrupted_ids if base is Run.CORRUPTED else tokens.clean_ids,
-                          rows=sets, metric=metric, targets=pair_targets(tokens), names=tokens.positions,
+                          rows=sets, metric=metric, targets=pair_targets(tokens), positions=tokens.run_positions(),
                           memory_mb=memory_mb, progress=progress, remote=remote, gap=("clean", "corrupted"))
         values, baselines = result.values, {"metric": metric, "direction": direction, **result.runs}
     described = json.dumps({label: [i.to_json() for i in s] for label, s in zip(labels, sets)})
@@ -193,6 +193,7 @@ def _edge_level(sets) -> bool:
 def _run_edges(model, tokens, sets, base: Run, metric, direction: Direction, memory_mb, progress, remote):
     """Edge-level rows on `patchlab.graph_runner.edge_patch_rows`: every edge of the sweep carries the
     other run's values (mean or not: one setting per sweep)."""
+    refuse_padding(tokens, "an edge sweep (PatchEdge)")
     sources = {(i.source, i.mean) for s in sets for i in s}
     other = Run.CLEAN if base is Run.CORRUPTED else Run.CORRUPTED
     if len(sources) > 1 or next(iter(sources))[0] is not other:

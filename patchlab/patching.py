@@ -27,8 +27,8 @@ import numpy as np
 import torch
 import xarray as xr
 
-from .components import Component, Site
-from .data import PromptPairDataset, TokenizedPairs
+from .components import Component, Site, as_index
+from .data import DatasetError, PromptPairDataset, TokenizedPairs
 from .metrics import Direction, Metric, Targets, get_metric, normalised_score, score_formula
 from .models import PatchModel, takes_model
 from .provenance import provenance_attrs
@@ -42,7 +42,7 @@ _RESID_SITES = (Site.RESID_PRE, Site.RESID_MID, Site.RESID_POST, Site.ATTN_OUT, 
 
 @takes_model
 def patch_layer_pos(model: PatchModel, dataset: PromptPairDataset, *, site: Site | str = Site.RESID_PRE,
-                    layers: Iterable[int] | None = None, positions: Iterable[int] | None = None,
+                    layers: Iterable[int] | None = None, positions: Iterable[int | str] | None = None,
                     metric: Metric | str = Metric.LOGIT_DIFF, direction: Direction | str = Direction.DENOISING,
                     seed: int | None = None, progress: bool = True, memory_mb: float = 1024,
                     remote=None) -> xr.Dataset:
@@ -50,7 +50,11 @@ def patch_layer_pos(model: PatchModel, dataset: PromptPairDataset, *, site: Site
 
     Args:
         site: ``resid_pre``, ``resid_mid``, ``resid_post``, ``attn_out`` or ``mlp_out``.
-        layers, positions: subsets to sweep (default: all).
+        layers: the layers to sweep (default: all).
+        positions: token indices, offsets from the end (``-1``) or the dataset's names ("S2").
+            Prompts of one length: default every position, names become indices. Prompts of
+            different lengths (left-padded): each position resolves per prompt
+            (`patchlab.positions`); default the offsets ``-n..-1`` that every prompt reaches.
         metric: a `Metric` or its name; values are in its units (nats, probability).
         direction: ``denoising`` or ``noising``.
         seed: recorded in attrs (the seed that generated `dataset`).
@@ -61,11 +65,13 @@ def patch_layer_pos(model: PatchModel, dataset: PromptPairDataset, *, site: Site
     Returns:
         Dataset with ``patched`` (layer, pos, prompt), ``score`` (layer, pos),
         ``clean`` (prompt), ``corrupted`` (prompt); coords ``token`` and
-        ``pos_name`` along ``pos``.
+        ``pos_name`` along ``pos`` (prompt 0's clean token and name). When positions resolve per
+        prompt, ``pos`` holds them as given and ``pos_index`` (pos, prompt) each prompt's own
+        token index in the patched run; attrs ``padding`` ("left"/"none") and the pad token.
 
     Raises:
-        ValueError: a per-head site, ``resid_mid`` on a parallel-residual model, or
-            a layer or position out of range.
+        ValueError: a per-head site, ``resid_mid`` on a parallel-residual model, a layer or
+            position out of range, a name the dataset lacks, or an offset beyond a prompt.
         patchlab.data.DatasetError: the dataset does not tokenize consistently.
     """
     site = Site(site)
@@ -84,6 +90,7 @@ def patch_layer_pos(model: PatchModel, dataset: PromptPairDataset, *, site: Site
 @takes_model
 def patch_heads(model: PatchModel, dataset: PromptPairDataset, *, site: Site | str = Site.HEAD,
                 per_position: bool = False, layers: Iterable[int] | None = None,
+                positions: Iterable[int | str] | None = None,
                 metric: Metric | str = Metric.LOGIT_DIFF, direction: Direction | str = Direction.DENOISING,
                 seed: int | None = None, progress: bool = True, memory_mb: float = 1024,
                     remote=None) -> xr.Dataset:
@@ -99,11 +106,18 @@ def patch_heads(model: PatchModel, dataset: PromptPairDataset, *, site: Site | s
             then patches one query position's row).
         per_position: patch each position separately (adds a ``pos`` dim) instead
             of all positions at once.
+        positions: with `per_position`, the positions to sweep (as in `patch_layer_pos`).
         (other args as in `patch_layer_pos`)
 
     Returns:
         Dataset with ``patched`` (layer, head[, pos], prompt), ``score`` (layer, head[, pos]),
-        ``clean`` (prompt), ``corrupted`` (prompt).
+        ``clean`` (prompt), ``corrupted`` (prompt); with `per_position`, the ``pos`` coords of
+        `patch_layer_pos`.
+
+    Raises:
+        ValueError: an all-position patch (``per_position=False``) between a clean and a corrupted
+            prompt of different lengths: their positions do not correspond; sweep positions by
+            name or from the end instead (`patchlab.positions`).
     """
     site = Site(site)
     if not site.per_head:
@@ -112,7 +126,9 @@ def patch_heads(model: PatchModel, dataset: PromptPairDataset, *, site: Site | s
     tokens = tokenize_for(model, dataset)
     layers = _layers(model, layers)
     heads = list(range(model.layout.n_heads_at(site)))
-    positions = list(range(tokens.n_pos)) if per_position else [None]
+    if positions is not None and not per_position:
+        raise ValueError("positions= selects the positions of a per-position sweep; pass per_position=True too")
+    positions = _positions(tokens, positions) if per_position else [None]
     grid = [(Component(site=site, layer=layer, head=h, pos=p),)
             for layer, h, p in itertools.product(layers, heads, positions)]
     values, base = _run(model, tokens, grid, metric, direction, progress, memory_mb, remote)
@@ -155,11 +171,38 @@ def patch_components(model: PatchModel, dataset: PromptPairDataset, components: 
 
 # ---- shared machinery -------------------------------------------------------------
 
-def tokenize_for(model: PatchModel, dataset: PromptPairDataset) -> TokenizedPairs:
-    """Tokenize and validate `dataset` for `model` (its tokenizer and context length)."""
+def tokenize_for(model: PatchModel, dataset: PromptPairDataset, *, unpadded: str | None = None) -> TokenizedPairs:
+    """Tokenize and validate `dataset` for `model` (its tokenizer and context length).
+
+    Args:
+        unpadded: the name of an algorithm that needs prompts of one token length (graph-level work
+            does not take left padding yet); a dataset of several lengths is then refused.
+
+    Raises:
+        patchlab.data.DatasetError: see `PromptPairDataset.tokenize`, or prompts of several lengths
+            for an `unpadded` algorithm (the message names it and what takes them).
+    """
     if not isinstance(dataset, PromptPairDataset):
         raise TypeError(f"expected a PromptPairDataset, got {type(dataset).__name__}")
-    return dataset.tokenize(model.tokenizer, max_length=model.layout.n_ctx)
+    tokens = dataset.tokenize(model.tokenizer, max_length=model.layout.n_ctx)
+    if unpadded is not None:
+        refuse_padding(tokens, unpadded)
+    return tokens
+
+
+def refuse_padding(tokens: TokenizedPairs, algorithm: str) -> None:
+    """Refuse prompts of several token lengths for an algorithm that does not take left padding yet.
+
+    Raises:
+        patchlab.data.DatasetError: the message names the algorithm, the lengths and what takes them.
+    """
+    if tokens.padded:
+        lengths = sorted(set(tokens.clean_mask.sum(1).tolist()) | set(tokens.corrupted_mask.sum(1).tolist()))
+        raise DatasetError(
+            f"{algorithm} needs prompts of one token length for now, and this dataset has prompts of {lengths} "
+            "tokens; node-level work (patch_layer_pos, patch_heads, patch_components, pl.sweep_interventions, "
+            "pl.trace) takes prompts of any lengths. Fix: split the dataset by length "
+            "(PromptPairDataset(pairs=[...])), or use pairs of one length (pl.chat_pairs(..., match_lengths=True))")
 
 
 def _component_rows(components) -> list[tuple[Component, ...]]:
@@ -188,16 +231,53 @@ def _layers(model: PatchModel, layers) -> list[int]:
     return check_range("layer", _listed(layers), model.layout.n_layers)
 
 
-def _positions(tokens: TokenizedPairs, positions) -> list[int]:
-    """Token indices from ints and the dataset's position names ("S2")."""
+def _positions(tokens: TokenizedPairs, positions) -> list[int | str]:
+    """The positions of a per-position sweep. With prompts of one length and names at one index,
+    token indices (names become their index; default: every position). Otherwise positions resolve
+    per prompt (`patchlab.positions`): offsets from the end and names as given, indices from each
+    prompt's start; default: the offsets ``-n..-1`` that every prompt reaches."""
     values = _listed(positions)
-    if values is not None:
-        unknown = [v for v in values if isinstance(v, str) and v not in tokens.positions]
-        if unknown:
-            raise ValueError(f"positions {unknown} are not named positions of this dataset; its names are "
-                             f"{dict(tokens.positions)} (or give token indices 0..{tokens.n_pos - 1})")
-        values = [tokens.positions[v] if isinstance(v, str) else v for v in values]
-    return check_range("pos", values, tokens.n_pos)
+    shared = None if tokens.padded else tokens.run_positions().shared()
+    if shared is not None:
+        if values is not None:
+            unknown = [v for v in values if isinstance(v, str) and v not in shared]
+            if unknown:
+                raise ValueError(f"positions {unknown} are not named positions of this dataset; its names are "
+                                 f"{shared} (or give token indices 0..{tokens.n_pos - 1})")
+            values = [shared[v] if isinstance(v, str) else v for v in values]
+        return check_range("pos", values, tokens.n_pos)
+    if values is None:
+        shortest = int(min(tokens.clean_mask.sum(1).min(), tokens.corrupted_mask.sum(1).min()))
+        return list(range(-shortest, 0))
+    out = list(dict.fromkeys(v if isinstance(v, str) else as_index(v, "pos") for v in values))
+    if not out:
+        raise ValueError("positions is empty; give at least one position (None: every offset all prompts reach)")
+    return out
+
+
+def pos_coords(tokens: TokenizedPairs, positions: Sequence, base: str) -> dict:
+    """The coords along ``pos`` of a per-position sweep: ``pos`` itself (token indices, or the offsets
+    and names as given when positions resolve per prompt, as strings if mixed), ``token`` and
+    ``pos_name`` (of prompt 0's clean run), and, when positions resolve per prompt, ``pos_index``
+    (``[pos, prompt]``: each prompt's own token index in the `base` run)."""
+    run_positions = tokens.run_positions()
+    clean, base_run = run_positions["clean"], run_positions[base]
+
+    def own(run, p):  # each prompt's own token index of position p
+        return run.columns(p, "pos", base) - (run.width - run.lengths)
+
+    first = [int(own(clean, p)[0]) for p in positions]
+    named = {index: name for name, index in tokens.clean_positions[0].items()}
+    coords = {"token": ("pos", np.asarray([tokens.clean_tokens[0][i] for i in first], dtype=str)),
+              "pos_name": ("pos", np.asarray([p if isinstance(p, str) else named.get(i, "")
+                                              for p, i in zip(positions, first)], dtype=str))}
+    if all(isinstance(p, int) and p >= 0 for p in positions) and not tokens.padded \
+            and run_positions.shared() is not None:
+        return {"pos": np.asarray(positions), **coords}
+    values = np.asarray(positions) if all(isinstance(p, int) for p in positions) else \
+        np.asarray([str(p) for p in positions], dtype=str)
+    index = np.stack([own(base_run, p).numpy() for p in positions])
+    return {"pos": values, **coords, "pos_index": (("pos", "prompt"), index)}
 
 
 def _listed(values) -> list | None:
@@ -218,14 +298,16 @@ def _run(model: PatchModel, tokens: TokenizedPairs, rows: list[tuple[Component, 
     result = run_rows(model, passes=[run_pair(tokens)], base=base,
                       base_ids=tokens.corrupted_ids if base == "corrupted" else tokens.clean_ids,
                       rows=[tuple(Patch(c, source=source) for c in row) for row in rows], metric=metric,
-                      targets=pair_targets(tokens), names=tokens.positions, memory_mb=memory_mb, progress=progress,
+                      targets=pair_targets(tokens), positions=tokens.run_positions(), memory_mb=memory_mb, progress=progress,
                       remote=remote, gap=("clean", "corrupted"))
     return result.values, {"metric": metric, "direction": direction, **result.runs}
 
 
 def run_pair(tokens: TokenizedPairs) -> CachePass:
-    """The cache pass of the clean and corrupted runs (one forward pass)."""
-    return CachePass(names=("clean", "corrupted"), ids=torch.cat([tokens.clean_ids, tokens.corrupted_ids]))
+    """The cache pass of the clean and corrupted runs (one forward pass), with their attention
+    masks when the prompts are left-padded."""
+    mask = torch.cat([tokens.clean_mask, tokens.corrupted_mask]) if tokens.padded else None
+    return CachePass(names=("clean", "corrupted"), ids=torch.cat([tokens.clean_ids, tokens.corrupted_ids]), mask=mask)
 
 
 def pair_targets(tokens: TokenizedPairs) -> Targets:
@@ -241,7 +323,6 @@ def result_dataset(model: PatchModel, dataset: PromptPairDataset, tokens: Tokeni
     patched = patched.double().numpy()
     prompts = np.arange(tokens.n_prompts)
     score = normalised_score(patched.mean(-1), clean.mean(), corrupted.mean(), direction)
-    names = {index: name for name, index in tokens.positions.items()}
     ds = xr.Dataset(
         {
             "patched": (dims + ("prompt",), patched, {"long_name": f"patched {metric.value}", "units": metric.units}),
@@ -249,18 +330,18 @@ def result_dataset(model: PatchModel, dataset: PromptPairDataset, tokens: Tokeni
             "clean": (("prompt",), clean, {"long_name": f"clean {metric.value}", "units": metric.units}),
             "corrupted": (("prompt",), corrupted, {"long_name": f"corrupted {metric.value}", "units": metric.units}),
         },
-        coords={**{d: np.asarray(v) if d != "component" else np.asarray(v, dtype=str) for d, v in coords.items()},
+        coords={**{d: np.asarray(v) if d != "component" else np.asarray(v, dtype=str) for d, v in coords.items()
+                   if d != "pos"},
                 "prompt": prompts,
                 "clean_prompt": ("prompt", np.asarray([p.clean for p in dataset.pairs], dtype=str))},
     )
     if "pos" in coords:
-        ds = ds.assign_coords(
-            token=("pos", np.asarray([tokens.clean_tokens[0][p] for p in coords["pos"]], dtype=str)),
-            pos_name=("pos", np.asarray([names.get(p, "") for p in coords["pos"]], dtype=str)))
+        ds = ds.assign_coords(pos_coords(tokens, coords["pos"], "corrupted" if direction is Direction.DENOISING
+                                         else "clean"))
     ds.attrs = provenance_attrs(
         model_id=model.model_id, model_sha256=model.weights_sha256, dataset_sha256=dataset.sha256(),
         seed=seed, git_path=Path(__file__).parent,
         metric=metric.value, units=metric.units, metric_formula=metric.formula, direction=direction.value, site=site,
         dataset=dataset.name, corruption=dataset.corruption, score_formula=score_formula(direction),
-        model_family=model.adapter.family, **extra_attrs)
+        model_family=model.adapter.family, **tokens.pad_attrs(), **extra_attrs)
     return ds

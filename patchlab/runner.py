@@ -22,20 +22,21 @@ import math
 import numbers
 from collections import defaultdict
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
-from typing import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from .components import Component, Site, as_index
-from .interventions import SETTING, Ablate, Ablation, At, Freeze, Intervention, Patch, Scale, Steer, joint_set
+from .interventions import Ablate, Ablation, At, Freeze, Intervention, Patch, Scale, Steer, joint_set
 from .kernels import patching as kpatching
 from .metrics import Metric, MetricFunction, Targets, check_gap
 from .models import PatchModel
+from .positions import ALIGNMENT_HELP, PromptPositions, RunPositions
 from .remote import execute, resolve_remote, send_by_value
 
-__all__ = ["CachePass", "PatchResult", "run_rows", "patch_rows", "resolve_row", "derangement", "rows_per_chunk",
+__all__ = ["CachePass", "PatchResult", "run_rows", "patch_rows", "derangement", "rows_per_chunk",
            "chunk_rows", "chunk_progress", "pass_specs", "run_masks",
            "gather_chunks", "check_range", "check_components", "checked_gap"]
 
@@ -68,7 +69,7 @@ class PatchResult:
 
 def run_rows(model: PatchModel, *, passes: Sequence[CachePass], base: str, base_ids: torch.Tensor,
              rows: Sequence[Sequence[Intervention]], metric: Metric | MetricFunction, targets: Targets,
-             names: Mapping[str, int] | None = None, kl_from: str = "clean", base_embeds: bool = False,
+             positions: PromptPositions | None = None, kl_from: str = "clean", base_embeds: bool = False,
              max_rows: int | None = None, memory_mb: float = 1024, progress: bool = True, remote=None,
              gap: tuple[str, str] | None = None) -> PatchResult:
     """Metric of the base run with each row's joint set of interventions applied: the engine
@@ -83,7 +84,9 @@ def run_rows(model: PatchModel, *, passes: Sequence[CachePass], base: str, base_
             mean and resample ablation read the ``corrupted`` run).
         base: name of the run intervened on; `base_ids` its tokens, ``[prompt, pos]``.
         rows: one joint set of `patchlab.interventions.Intervention` values per row.
-        names: the dataset's named positions, for components that name them (``pos="S2"``).
+        positions: each run's prompt lengths and named positions (`patchlab.positions`), for left-padded
+            prompts and components that give positions by name (``pos="S2"``) or from the end; None:
+            every prompt of every run has ``base_ids``' length and no names.
         metric: evaluated on the final position's logits; `targets` per prompt
             (``[prompt]``); KL compares with run `kl_from`.
         max_rows / memory_mb: chunk size: at most `max_rows` rows per forward pass,
@@ -98,15 +101,18 @@ def run_rows(model: PatchModel, *, passes: Sequence[CachePass], base: str, base_
         `PatchResult`: ``values`` ``[row, prompt]`` and each run's metric.
 
     Raises:
-        ValueError: a component the model or the prompts do not have, an unknown position name,
+        ValueError: a component the model or the prompts do not have, an unknown position name, a
+            position some prompt lacks, every position read from prompts of other lengths,
             conflicting interventions in a row, a steering vector of the wrong size, a run no pass
             creates, an `At` function with ``remote=``, or a bad `memory_mb`.
         patchlab.metrics.BaselineGapError: see `gap`.
     """
     n_prompts, n_pos = base_ids.shape
-    rows = [resolve_row(row, names or {}, n_pos) for row in rows]
-    check_components(model, dict.fromkeys(i.component for row in rows for i in row), n_pos)
     run_names = {name for p in passes for name in p.names}
+    if positions is None:
+        positions = PromptPositions.uniform(sorted(run_names | {base}), n_prompts, n_pos)
+    rows = [joint_set(row) for row in rows]
+    check_components(model, dict.fromkeys(i.component for row in rows for i in row))
     for row in rows:
         for i in row:
             _check_intervention(model, i, run_names | {base}, base, n_prompts, n_pos)
@@ -124,13 +130,12 @@ def run_rows(model: PatchModel, *, passes: Sequence[CachePass], base: str, base_
     sites = {(Site.RESID_PRE, layer) for layer in set(starts) | {0}} | \
         {(i.component.site, i.component.layer) for row in rows for i in row if _source(i, base)}
     masks = run_masks(passes)
-    real = None if masks is None else masks[base]
     spec = {"arch": model.arch(), "base": base, "base_ids": base_ids,
             "base_embeds": base_embeds, "metric": metric.spec, "kl_from": kl_from, "gap": gap,
             "targets": {"correct": targets.correct, "incorrect": targets.incorrect},
-            "runs": pass_specs(passes, sites), "base_mask": real, "masks": masks,
+            "runs": pass_specs(passes, sites), "base_mask": None if masks is None else masks[base], "masks": masks,
             "chunks": [{"start": starts[chunk[0]], "n_rows": len(chunk),
-                        "writes": _plan_writes(model, [rows[r] for r in chunk], n_prompts, n_pos, base, real)}
+                        "writes": _plan_writes(model, [rows[r] for r in chunk], n_prompts, positions, base)}
                        for chunk in chunks]}
     with chunk_progress(model, remote, len(chunks), "patching", progress) as update:
         out = execute(model, kpatching.patch_program, spec, update, remote=remote)
@@ -143,31 +148,6 @@ def patch_rows(model: PatchModel, *, source: str, rows: Sequence[tuple[Component
     """`run_rows` with every component of each row patched from the `source` run (activation
     patching: `patchlab.interventions.Patch`)."""
     return run_rows(model, rows=[tuple(Patch(c, source=source) for c in row) for row in rows], **kwargs)
-
-
-def resolve_row(row: Sequence[Intervention], names: Mapping[str, int], n_pos: int) -> tuple[Intervention, ...]:
-    """A joint set with every position resolved to an index from the left (`Component.resolve`),
-    refusing two setting interventions (`~patchlab.interventions.SETTING`) on one element.
-
-    Raises:
-        ValueError: an unknown name or out-of-range offset, or a conflict (the message names both).
-    """
-    out = tuple(i if not i.component.symbolic else replace(i, component=i.component.resolve(names, n_pos))
-                for i in joint_set(row))
-    setting: dict[tuple, list[Intervention]] = defaultdict(list)
-    for i in out:
-        if isinstance(i, SETTING):
-            c = i.component
-            key = (c.site, c.layer, c.head)
-            for other in setting[key]:
-                a, b = other.component.pos, c.pos
-                if a is None or b is None or set(a) & set(b):
-                    where = f"layer {c.layer}" + ("" if c.head is None else f" head {c.head}")
-                    raise ValueError(f"{other.label} and {i.label} both set {c.site.value} at {where} at the same "
-                                     "positions: a joint set may set each element once. Drop one, or give them "
-                                     "disjoint positions (Scale and Steer combine with a setting intervention instead)")
-            setting[key].append(i)
-    return out
 
 
 def _check_intervention(model: PatchModel, i: Intervention, runs: set, base: str, n_prompts: int, n_pos: int) -> None:
@@ -255,19 +235,17 @@ def check_range(dim: str, values: Sequence | None, size: int) -> list[int]:
     return values
 
 
-def check_components(model: PatchModel, components, n_pos: int) -> None:
-    """Refuse components the model or the prompts do not have.
+def check_components(model: PatchModel, components) -> None:
+    """Refuse components the model does not have (positions resolve per prompt, `patchlab.positions`).
 
     Raises:
-        ValueError: a layer, head or position out of range (the message gives the range), or
+        ValueError: a layer or head out of range (the message gives the range), or
             ``resid_mid`` on a parallel-residual model.
     """
     for c in components:
         check_range(f"layer of {c.label}", [c.layer], model.layout.n_layers)
         if c.head is not None:
             check_range(f"head of {c.label} ({c.site.value})", [c.head], model.layout.n_heads_at(c.site))
-        if c.pos is not None:
-            check_range(f"pos of {c.label}", c.pos, n_pos)
         if c.site is Site.RESID_MID and not model.adapter.has_resid_mid(model.hf.config):
             raise ValueError(f"{model.adapter.family} uses a parallel residual: resid_mid does not exist; "
                              "patch attn_out or mlp_out instead")
@@ -355,26 +333,37 @@ def _start_layer(model: PatchModel, row: Sequence[Intervention]) -> int:
     return min(model.adapter.write_point(i.component.site, i.component.layer).layer for i in row)
 
 
-def _plan_writes(model: PatchModel, rows: Sequence[Sequence[Intervention]], n_prompts: int, n_pos: int,
-                 base: str, real: torch.Tensor | None = None) -> list:
+def _plan_writes(model: PatchModel, rows: Sequence[Sequence[Intervention]], n_prompts: int,
+                 positions: PromptPositions, base: str) -> list:
     """``[(hook point, [(site, layer, ops), ...]), ...]`` in forward order; ``ops`` holds, over the batch
-    ``[row * prompt, pos(, head)]``: ``set`` (``[(mask, source)]``), ``mul`` (factors, or None),
-    ``add`` (``[(coefficients, vector)]``) and ``at`` (``[(fn, batch index, head, pos index)]``).
-    `real` (``[prompt, pos]``, True on real tokens of left-padded prompts) keeps padding untouched."""
-    layout = model.layout
+    ``[row * prompt, pos(, head)]``: ``set`` (``[(mask, source)]``, see `_SetPlan`), ``mul`` (factors, or
+    None), ``add`` (``[(coefficients, vector)]``) and ``at`` (``[(fn, batch index, head, pos index)]``).
+
+    Each component's positions resolve per prompt (`patchlab.positions`), so only real tokens are
+    ever written, and a value read from another run comes from that run's corresponding token.
+
+    Raises:
+        ValueError: positions a prompt lacks, an all-position read across prompts of different lengths,
+            or two setting interventions on one element (the message names both).
+    """
+    layout, width = model.layout, positions.width
     n_rows = len(rows)
     plans: dict[tuple[Site, int], dict] = {}
     for r, row in enumerate(rows):
         for i in row:
             c = i.component
-            key = (c.site, c.layer)
-            shape = (n_rows, n_prompts, n_pos) + ((layout.n_heads_at(c.site),) if c.site.per_head else ())
-            plan = plans.setdefault(key, {"shape": shape, "set": {}, "mul": None, "add": {}, "at": []})
-            index = (r, slice(None), slice(None) if c.pos is None else list(c.pos)) + \
-                ((c.head,) if c.site.per_head else ())
+            shape = (n_rows, n_prompts, width) + ((layout.n_heads_at(c.site),) if c.site.per_head else ())
+            plan = plans.setdefault((c.site, c.layer), {"shape": shape, "set": {}, "mul": None, "add": {}, "at": [],
+                                                        "claims": {}})
+            prompt, cols = _elements(positions[base], c, i.label, base)
+            if c.site is Site.PATTERN:
+                _check_pattern_keys(positions, i, base)
+            index = (r, prompt, cols) + ((c.head,) if c.site.per_head else ())
             source = _source(i, base)
             if source is not None:
-                plan["set"].setdefault(source, torch.zeros(shape, dtype=torch.bool))[index] = True
+                _claim(plan["claims"], index, shape, i)
+                plan["set"].setdefault(source, _SetPlan(shape, width)).add(index, _source_columns(
+                    positions, source, c, i.label, base, cols, n_prompts))
             elif isinstance(i, Scale):
                 if plan["mul"] is None:
                     plan["mul"] = torch.ones(shape, dtype=torch.float64)
@@ -383,23 +372,16 @@ def _plan_writes(model: PatchModel, rows: Sequence[Sequence[Intervention]], n_pr
                 coef, _ = plan["add"].setdefault(i.digest, (torch.zeros(shape, dtype=torch.float64), i.vector))
                 coef[index] += i.scale
             elif isinstance(i, At):
-                batch = torch.arange(r * n_prompts, (r + 1) * n_prompts)
-                pos = torch.arange(n_pos) if c.pos is None else torch.tensor(c.pos)
-                plan["at"].append((i.fn, batch, c.head, pos))
-    if real is not None:
-        for plan in plans.values():
-            keep = real.reshape((1,) + tuple(real.shape) + (1,) * (len(plan["shape"]) - 3))
-            plan["set"] = {source: mask & keep for source, mask in plan["set"].items()}
-            if plan["mul"] is not None:
-                plan["mul"] = torch.where(keep, plan["mul"], torch.ones(()))
-            plan["add"] = {k: (coef * keep, vector) for k, (coef, vector) in plan["add"].items()}
+                for cols_p, prompts in _by_columns(prompt, cols).items():
+                    plan["at"].append((i.fn, r * n_prompts + torch.tensor(prompts), c.head, torch.tensor(cols_p)))
     writes = defaultdict(list)
     for (site, layer), plan in sorted(plans.items(), key=lambda kv: (kv[0][1], kv[0][0].order)):
         if site is Site.RESID_MID:
             writes[model.adapter.point(Site.RESID_PRE, layer)]  # read the block input for resid_mid
         if site is Site.PATTERN:
             writes[model.adapter.point(Site.V, layer)]  # read the values a pattern weighs
-        ops = {"set": [(mask.flatten(0, 1), _kernel_source(source, n_prompts)) for source, mask in plan["set"].items()],
+        ops = {"set": [(sp.mask.flatten(0, 1), sp.kernel_source(source, n_prompts, positions))
+                       for source, sp in plan["set"].items()],
                "mul": None if plan["mul"] is None else plan["mul"].flatten(0, 1),
                "add": [(coef.flatten(0, 1), vector) for coef, vector in plan["add"].values()],
                "at": plan["at"]}
@@ -408,5 +390,142 @@ def _plan_writes(model: PatchModel, rows: Sequence[Sequence[Intervention]], n_pr
             for p, entries in sorted(writes.items(), key=lambda kv: kv[0].sort_key)]
 
 
-def _kernel_source(source: tuple, n_prompts: int) -> tuple:
-    return source[:2] + (derangement(n_prompts, source[2]),) if source[0] == "perm" else source
+def _elements(run: RunPositions, c: Component, label: str, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The base run's elements a component covers, as flat ``(prompt, column)`` index vectors: its
+    positions resolved per prompt, or every real token (``pos=None``)."""
+    if c.pos is None:
+        prompt, cols = torch.nonzero(run.real(), as_tuple=True)
+        return prompt, cols
+    cols = torch.stack([run.columns(p, label, name) for p in c.pos], dim=1)  # [prompt, k]
+    return torch.arange(run.n_prompts).repeat_interleave(cols.shape[1]), cols.flatten()
+
+
+def _source_columns(positions: PromptPositions, source: tuple, c: Component, label: str, base: str,
+                    cols: torch.Tensor, n_prompts: int):
+    """Where the source of a setting intervention reads each element: the source run's column
+    (``run``/``perm``), the mean's column or named label (``mean``), or None (``zero``)."""
+    if source[0] == "zero":
+        return None
+    run = positions[source[1]]
+    if source[0] == "mean":
+        if c.pos is None:
+            empty = cols[run.real().sum(0)[cols] == 0]
+            if len(empty):
+                raise ValueError(f"{label}: no {source[1]} prompt reaches offset {int(empty[0]) - run.width} from the "
+                                 f"end, so the mean there is undefined; give positions every {source[1]} prompt has")
+            return ("column", cols)
+        return ("label", [(p, run.columns(p, label, source[1])) for p in c.pos], c.pos)
+    if source[1] == base and source[0] == "run":
+        return ("column", cols)
+    origin = torch.arange(n_prompts) if source[0] == "run" else derangement(n_prompts, source[2])
+    if c.pos is None:
+        lengths, other = positions[base].lengths, run.lengths[origin]
+        bad = torch.nonzero(lengths != other).flatten()
+        if len(bad):
+            p = int(bad[0])
+            raise ValueError(f"{label} reads every position of the {source[1]} run, but prompt {p} has "
+                             f"{int(lengths[p])} tokens in the {base} run and its source has {int(other[p])}, so "
+                             f"the positions do not correspond; {ALIGNMENT_HELP}")
+        return ("column", cols)
+    src = torch.stack([run.columns(p, label, source[1])[origin] for p in c.pos], dim=1)
+    return ("column", src.flatten())
+
+
+def _check_pattern_keys(positions: PromptPositions, i: Intervention, base: str) -> None:
+    """A pattern row is over key positions: refuse reading it from prompts of another length (its keys
+    would not correspond), and a key-position steering vector over prompts of different lengths."""
+    source = _source(i, base)
+    lengths = positions[base].lengths
+    if isinstance(i, Steer):
+        same = bool((lengths == lengths[0]).all())
+    elif source is None or source[0] == "zero":
+        return
+    elif source[0] == "run":
+        same = torch.equal(positions[source[1]].lengths, lengths)
+    else:  # a mean or a resample mixes prompts
+        both = torch.cat([lengths, positions[source[1]].lengths])
+        same = bool((both == both[0]).all())
+    if not same:
+        raise ValueError(f"{i.label}: an attention pattern is a row over key positions, so {i.kind} on it needs "
+                         "prompts of one token length where it reads or mixes other prompts; patch the head "
+                         "output (site 'head') instead, or use pairs of equal lengths")
+
+
+class _SetPlan:
+    """One source's elements at a site: the mask over the batch and, where the source's tokens sit
+    elsewhere than the base run's, the column (or mean label) each element reads."""
+
+    def __init__(self, shape: tuple, width: int) -> None:
+        self.mask = torch.zeros(shape, dtype=torch.bool)
+        self.width = width
+        self.index: torch.Tensor | None = None
+        self.labels: list[torch.Tensor] = []  # per-prompt source columns of each named mean label
+
+    def add(self, index: tuple, read) -> None:
+        self.mask[index] = True
+        if read is None:
+            return
+        cols = index[2]
+        if read[0] == "column":
+            target = read[1]
+        else:  # a mean per position label: a column if every prompt has it at one column, else its own label
+            target = torch.empty_like(cols)
+            k = len(read[1])
+            for j, (_, columns) in enumerate(read[1]):
+                at = slice(j, None, k)
+                unique = columns.unique()
+                if len(unique) == 1:
+                    target[at] = unique[0]
+                    continue
+                known = [n for n, other in enumerate(self.labels) if torch.equal(other, columns)]
+                if not known:
+                    self.labels.append(columns)
+                target[at] = self.width + (known[0] if known else len(self.labels) - 1)
+        if self.index is None and bool((target == cols).all()):
+            return
+        if self.index is None:
+            self.index = torch.arange(self.width).reshape((1, 1, -1) + (1,) * (self.mask.dim() - 3)) \
+                .expand(self.mask.shape).clone()
+        self.index[index] = target
+
+    def kernel_source(self, source: tuple, n_prompts: int, positions: PromptPositions) -> tuple:
+        """The source as the kernel reads it (`patchlab.kernels.patching.source_value`)."""
+        index = None if self.index is None else self.index.flatten(0, 1)
+        if source[0] == "zero":
+            return source
+        if source[0] == "mean":
+            table = None
+            if self.labels:  # rows 0..W-1: each column's real tokens; then one row per named label
+                real = positions[source[1]].real()
+                columns = torch.where(real.T, torch.arange(self.width)[:, None], torch.full((), -1))
+                table = torch.cat([columns, torch.stack(self.labels)])
+            return ("mean", source[1], table, index)
+        perm = derangement(n_prompts, source[2]) if source[0] == "perm" else None
+        return ("run", source[1], perm, index)
+
+
+def _claim(claims: dict, index: tuple, shape: tuple, i: Intervention) -> None:
+    """Record that `i` sets these elements; refuse an element set twice in one row."""
+    if "owner" not in claims:
+        claims["owner"], claims["who"] = torch.full(shape, -1, dtype=torch.long), []
+    taken = claims["owner"][index]
+    if bool((taken >= 0).any()):
+        other = claims["who"][int(taken[taken >= 0][0])]
+        c = i.component
+        where = f"layer {c.layer}" + ("" if c.head is None else f" head {c.head}")
+        raise ValueError(f"{other.label} and {i.label} both set {c.site.value} at {where} at the same "
+                         "positions: a joint set may set each element once. Drop one, or give them "
+                         "disjoint positions (Scale and Steer combine with a setting intervention instead)")
+    claims["who"].append(i)
+    claims["owner"][index] = len(claims["who"]) - 1
+
+
+def _by_columns(prompt: torch.Tensor, cols: torch.Tensor) -> dict[tuple, list[int]]:
+    """Prompts grouped by the columns they cover: ``{columns: [prompt, ...]}``."""
+    per: dict[int, list[int]] = defaultdict(list)
+    for p, col in zip(prompt.tolist(), cols.tolist()):
+        per[p].append(col)
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for p, columns in per.items():
+        groups[tuple(columns)].append(p)
+    return groups

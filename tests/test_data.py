@@ -223,23 +223,61 @@ def test_tokenize_counts_the_bos(make_wordlevel_tokenizer):
         ds.tokenize(tok, max_length=14)
 
 
-def test_tokenize_rejects_clean_corrupted_length_mismatch(tok):
-    bad = pair(corrupted="When Mary and John went to the store, Mary Anna gave a drink to")
-    with pytest.raises(DatasetError) as e:
-        dataset(pair(), bad).tokenize(tok)
-    msg = str(e.value)
-    assert "prompt 1" in msg and bad.corrupted in msg and "14 tokens" in msg and "15 tokens" in msg
-    assert "fix" in msg
-
-
-def test_tokenize_rejects_prompts_of_different_lengths(tok):
+def test_tokenize_left_pads_prompts_of_different_lengths(tok):
+    """Clean and corrupted of other lengths, and pairs of other lengths, share one left-padded batch:
+    each prompt's own ids at the right, True in its mask, the pad id elsewhere; names stay per prompt."""
     longer = pair(clean="Then , Mary and John went to the store, John gave a drink to",
-                  corrupted="Then , Mary and John went to the store, Mary gave a drink to")
-    with pytest.raises(DatasetError) as e:
-        dataset(pair(), pair("Anna", "Tom"), longer).tokenize(tok)
-    msg = str(e.value)
-    assert "prompt 2" in msg and longer.clean in msg and "15 tokens" in msg
-    assert "prompt 0" in msg and "14 tokens" in msg and "templates of one token length" in msg
+                  corrupted="Then , Mary and John went to the store, Mary gave a drink to",
+                  positions={k: v + 1 for k, v in POS.items()})
+    uneven = pair(corrupted="When Mary and John went to the store, Mary Anna gave a drink to",
+                  corrupted_positions={**POS, "END": 14})
+    tp = dataset(pair(), longer, uneven).tokenize(tok)
+    vocab = tok.get_vocab()
+    assert tp.n_pos == 15 and tp.padded
+    for i, p in enumerate((pair(), longer, uneven)):
+        for ids, mask, text in ((tp.clean_ids, tp.clean_mask, p.clean), (tp.corrupted_ids, tp.corrupted_mask, p.corrupted)):
+            words = text.replace(",", " ,").split()
+            assert mask[i].tolist() == [False] * (15 - len(words)) + [True] * len(words)
+            assert ids[i, 15 - len(words):].tolist() == [vocab[w] for w in words]
+            assert (ids[i, :15 - len(words)] == tp.pad_token_id).all()
+    assert tp.clean_tokens[1][tp.clean_positions[1]["S2"]] == "John"
+    assert tp.corrupted_tokens[2][tp.corrupted_positions[2]["END"]] == "to"
+    assert tp.clean_positions[2]["END"] == 13 and tp.corrupted_positions[0] == POS
+    with pytest.raises(DatasetError, match="differ between prompts"):
+        tp.positions
+    assert tp.pad_attrs()["padding"] == "left"
+    same = dataset().tokenize(tok)
+    assert not same.padded and same.positions == POS and same.pad_attrs() == {"padding": "none"}
+
+
+def test_pad_token_choice_is_recorded(tok):
+    """No pad token: EOS, else BOS, else id 0; the choice is named."""
+    from patchlab.data import pad_token
+
+    class Bare:
+        pad_token_id = eos_token_id = bos_token_id = None
+    bare = Bare()
+    assert pad_token(bare) == (0, "id 0 (no pad, EOS or BOS token)")
+    bare.eos_token_id = 7
+    assert pad_token(bare) == (7, "EOS (no pad token)")
+    bare.pad_token_id = 3
+    assert pad_token(bare) == (3, "the tokenizer's pad token")
+
+
+def test_corrupted_positions_name_the_same_positions():
+    with pytest.raises(DatasetError, match="'S2' is named in positions only"):
+        pair(corrupted_positions={k: v for k, v in POS.items() if k != "S2"})
+    p = pair(corrupted_positions={**POS, "END": 14})
+    assert p.corrupted_positions["END"] == 14 and p.positions["END"] == 13
+    assert pair().corrupted_positions == POS and "corrupted_positions" not in pair().to_json()
+    back = PromptPairDataset.from_jsonl(_written(dataset(p)))
+    assert back[0] == p and back.sha256() == dataset(p).sha256()
+
+
+def _written(ds: PromptPairDataset) -> str:
+    path = os.path.join(tempfile.mkdtemp(), "pairs.jsonl")
+    ds.to_jsonl(path)
+    return path
 
 
 @pytest.mark.parametrize("role", ["correct", "incorrect"])
@@ -266,15 +304,16 @@ def test_tokenize_rejects_positions_outside_the_prompt(tok):
     with pytest.raises(DatasetError) as e:
         dataset(bad).tokenize(tok)
     msg = str(e.value)
-    assert "prompt 0" in msg and "'END'=14" in msg and "outside" in msg and "0..13" in msg
+    assert "prompt 0" in msg and "'END'=14" in msg and "outside the clean prompt" in msg and "0..13" in msg
+    bad = pair("Anna", "Tom", corrupted_positions={**POS, "END": 14})
+    with pytest.raises(DatasetError, match="'END'=14 is outside the corrupted prompt"):
+        dataset(bad).tokenize(tok)
 
 
-def test_tokenize_rejects_positions_that_differ_across_prompts(tok):
+def test_tokenize_keeps_positions_per_pair_and_rejects_missing_names(tok):
     moved = pair("Anna", "Tom", positions={**POS, "S2": 8})
-    with pytest.raises(DatasetError) as e:
-        dataset(pair(), moved).tokenize(tok)
-    msg = str(e.value)
-    assert "prompt 1" in msg and moved.clean in msg and "'S2' is 8 here but 9 in prompt 0" in msg
+    tp = dataset(pair(), moved).tokenize(tok)
+    assert tp.clean_positions[1]["S2"] == 8 and tp.clean_positions[0]["S2"] == 9
 
     missing = pair("Anna", "Tom", positions={k: v for k, v in POS.items() if k != "S1"})
     with pytest.raises(DatasetError, match="'S1' is in prompt 0 but not in prompt 1"):

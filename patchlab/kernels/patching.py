@@ -85,9 +85,8 @@ def intervene(arch, site, layer, new, state, ops, acts, n_rows):
 
     `ops` (over the batch ``[row * prompt, pos(, head)]``), applied in this order:
 
-    - ``set``: ``[(mask, source)]``: masked elements take the source's value: ``("run", name)``
-      the cached run, ``("mean", name)`` its mean over prompts per position, ``("perm", name,
-      perm)`` its prompts reordered (``[prompt]`` indices), ``("zero",)`` zeros;
+    - ``set``: ``[(mask, source)]``: masked elements take the source's value (`source_value`:
+      a cached run, its mean over prompts, or zeros);
     - ``mul``: factors (or None): the value is multiplied;
     - ``add``: ``[(coefficients, vector)]``: ``coefficient * vector`` is added;
     - ``at``: ``[(fn, batch index, head, pos index)]``: ``fn`` edits those elements last.
@@ -149,19 +148,45 @@ def real_mean(cached, mask):
     return total / real.sum(0, keepdim=True).clamp(min=1).to(cached.dtype)
 
 
+def grouped_mean(cached, table):
+    """Means of `cached` (``[prompt, pos, ...]``) over prompts, one per row of `table` (``[label, prompt]``:
+    the column each prompt contributes, -1 for none); ``[1, label, ...]``."""
+    table = table.to(cached.device)
+    taken = table >= 0
+    prompts = torch.arange(cached.shape[0], device=cached.device)
+    picked = cached[prompts[None, :], table.clamp(min=0)]  # [label, prompt, ...]
+    keep = taken.reshape(taken.shape + (1,) * (cached.dim() - 2))
+    total = torch.where(keep, picked, torch.zeros((), dtype=cached.dtype, device=cached.device)).sum(1)
+    return (total / keep.sum(1).clamp(min=1).to(cached.dtype))[None]
+
+
 def source_value(acts, src, site, layer, n_rows, like, masks=None):
     """A setting intervention's values for the whole batch (``[row * prompt, ...]``, on `like`'s
-    device; zeros shaped as `like`)."""
+    device; zeros shaped as `like`).
+
+    `src`: ``("zero",)``; ``("run", name, perm, index)``: the cached run, its prompts reordered by
+    `perm` (``[prompt]``, or None); ``("mean", name, table, index)``: its mean over prompts per
+    position over real tokens (`real_mean`), or per row of `table` (`grouped_mean`). `index`
+    (``[row * prompt, pos(, head)]``, or None: each element's own position) is the position (or
+    mean row) each element reads, where the source's tokens sit elsewhere.
+    """
     kind = src[0]
     if kind == "zero":
         return torch.zeros_like(like)
     cached = acts[(src[1], site, layer)].to(like.device)
     if kind == "mean":  # one mean for every row and prompt: a view, not a copy
-        mean = real_mean(cached, None if masks is None else masks.get(src[1]))
-        return mean.expand(n_rows * cached.shape[0], *mean.shape[1:])
-    if kind == "perm":
-        cached = cached[src[2].to(like.device)]
-    return rep(cached, n_rows)
+        table = src[2]
+        mean = real_mean(cached, None if masks is None else masks.get(src[1])) if table is None \
+            else grouped_mean(cached, table)
+        value = mean.expand(n_rows * cached.shape[0], *mean.shape[1:])
+    else:
+        value = rep(cached if src[2] is None else cached[src[2].to(like.device)], n_rows)
+    index = src[3]
+    if index is None:
+        return value
+    index = index.to(like.device)
+    index = index.reshape(index.shape + (1,) * (value.dim() - index.dim())).expand(*index.shape, *value.shape[index.dim():])
+    return value.gather(1, index)
 
 
 def call_at(fn, target, rows, head, pos):

@@ -1,0 +1,203 @@
+"""Real prompt sets through the public API: pairs of different lengths, clean and corrupted of
+different lengths within a pair, named positions per pair.
+
+The core invariant, on tiny random models of every family in float64: every value a sweep reports
+for a prompt of a left-padded, mixed-length dataset equals that prompt run alone, unpadded, through
+plain forward hooks (`tests.reference`), where the test resolves each position itself: a name to
+the pair's own index (the corrupted prompt's from ``corrupted_positions``), an offset ``-k`` to the
+prompt's ``k``-th token from the end. Means are over the prompts, at each prompt's own token.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import patchlab as pl
+from patchlab.data import DatasetError
+from patchlab.metrics import Metric, Targets
+from patchlab.runner import derangement
+
+from .precision import exact_atol
+from .reference import RefPatch, reference_cache, reference_patched_logits
+from .tiny_models import ALL_FAMILIES, tiny_patch_model
+
+C = pl.Component
+LENGTHS = ((5, 5), (8, 9), (11, 10))  # (clean, corrupted) tokens per pair
+X_AT = ((1, 1), (3, 2), (6, 7))       # the named position "X" in each (not aligned from the end)
+
+
+def mixed_pairs(vocab: int, seed: int = 0) -> pl.PromptPairDataset:
+    g = torch.Generator().manual_seed(seed)
+    words = lambda n: [f"w{int(t)}" for t in torch.randint(0, vocab - 8, (n,), generator=g)]  # noqa: E731
+    pairs = []
+    for (n_clean, n_corrupted), (x_clean, x_corrupted) in zip(LENGTHS, X_AT):
+        clean, corrupted = words(n_clean), words(n_corrupted)
+        pairs.append(pl.PromptPair(
+            clean=" ".join(clean), corrupted=" ".join(corrupted), correct=f" w{vocab - 6}", incorrect=f" w{vocab - 5}",
+            positions={"X": x_clean, "END": n_clean - 1},
+            corrupted_positions={"X": x_corrupted, "END": n_corrupted - 1}))
+    return pl.PromptPairDataset(pairs=pairs, name="mixed")
+
+
+@pytest.fixture(scope="module", params=ALL_FAMILIES)
+def setup(request):
+    model = tiny_patch_model(request.param)
+    dataset = mixed_pairs(model.hf.config.vocab_size)
+    tokens = dataset.tokenize(model.tokenizer)
+    alone = {run: [ids[mask][None] for ids, mask in zip(getattr(tokens, f"{run}_ids"), getattr(tokens, f"{run}_mask"))]
+             for run in ("clean", "corrupted")}
+    return model, dataset, tokens, alone
+
+
+def own(tokens, run: str, p: int, position) -> int:
+    """The test's own resolution: prompt p's token index of `position` in `run`."""
+    n = len(getattr(tokens, f"{run}_tokens")[p])
+    if isinstance(position, str):
+        return getattr(tokens, f"{run}_positions")[p][position]
+    return n + position if position < 0 else position
+
+
+def reference(model, tokens, alone, rows, base="corrupted"):
+    """Metric per (row, prompt), each prompt alone and unpadded, with plain hooks."""
+    hf = model.hf
+    sites = sorted({(i.component.site.value, i.component.layer) for row in rows for i in row})
+    caches = {run: [reference_cache(hf, ids, sites) for ids in seqs] for run, seqs in alone.items()}
+    n = tokens.n_prompts
+    out = torch.zeros(len(rows), n, dtype=torch.float64)
+    for r, row in enumerate(rows):
+        for p in range(n):
+            sets, edits = [], []
+            for i in row:
+                c = i.component
+                key = (c.site.value, c.layer)
+                pick = (lambda v, s, h=c.head: v[:, [s]] if h is None else v[:, [s], h])
+
+                def at(q, fn, into):
+                    into.append(RefPatch(site=c.site.value, layer=c.layer, head=c.head,
+                                         pos=(own(tokens, base, p, q),), fn=fn))
+                for q in (c.pos if c.pos is not None else range(-len(alone[base][p][0]), 0)):
+                    if isinstance(i, pl.Patch):
+                        src = i.source.value
+                        value = pick(caches[src][p][key], own(tokens, src, p, q))
+                        at(q, lambda x, v=value: v, sets)
+                    elif isinstance(i, pl.Ablate) and i.how.value == "mean":
+                        value = torch.stack([pick(caches["corrupted"][o][key], own(tokens, "corrupted", o, q))
+                                             for o in range(n)]).mean(0)
+                        at(q, lambda x, v=value: v, sets)
+                    elif isinstance(i, pl.Ablate) and i.how.value == "resample":
+                        o = int(derangement(n, i.seed)[p]) if i.seed is not None else p
+                        value = pick(caches["corrupted"][o][key], own(tokens, "corrupted", o, q))
+                        at(q, lambda x, v=value: v, sets)
+                    elif isinstance(i, pl.Ablate):
+                        at(q, torch.zeros_like, sets)
+                    elif isinstance(i, pl.Scale):
+                        at(q, lambda x, f=i.factor: x * f, edits)
+                    else:
+                        at(q, lambda x, v=i.vector, s=i.scale: x + s * v, edits)
+            logits = reference_patched_logits(hf, alone[base][p], sets + edits)
+            t = Targets(correct=tokens.correct_ids[p:p + 1], incorrect=tokens.incorrect_ids[p:p + 1])
+            out[r, p] = Metric.LOGIT_DIFF(logits, t)[0]
+    return out
+
+
+def baselines(model, tokens, alone):
+    return {run: torch.stack([Metric.LOGIT_DIFF(model.hf(ids).logits[:, -1].detach(),
+                                                Targets(correct=tokens.correct_ids[p:p + 1],
+                                                        incorrect=tokens.incorrect_ids[p:p + 1]))[0]
+                              for p, ids in enumerate(seqs)]) for run, seqs in alone.items()}
+
+
+def close(model, got, expected):
+    tol = exact_atol(model, expected, padded=True)
+    return torch.allclose(torch.as_tensor(got, dtype=torch.float64), expected, atol=tol, rtol=0), \
+        float((torch.as_tensor(got, dtype=torch.float64) - expected).abs().max())
+
+
+def test_patch_layer_pos_by_name_and_from_the_end_equals_each_prompt_alone(setup):
+    model, dataset, tokens, alone = setup
+    layers = [0, model.layout.n_layers - 1]
+    positions = [-2, -1, "X"]
+    ds = pl.patch_layer_pos(model, dataset, site="resid_pre", layers=layers, positions=positions, progress=False)
+    rows = [[pl.Patch(C(site="resid_pre", layer=layer, pos=q))] for layer in layers for q in positions]
+    expected = reference(model, tokens, alone, rows).reshape(len(layers), len(positions), -1)
+    ok, err = close(model, ds["patched"].values, expected)
+    assert ok, err
+    base = baselines(model, tokens, alone)
+    for run in ("clean", "corrupted"):
+        assert close(model, ds[run].values, base[run])[0], run
+    assert list(ds["pos"].values) == ["-2", "-1", "X"] and ds.attrs["padding"] == "left"
+    assert ds["pos_index"].sel(pos="X").values.tolist() == [x for _, x in X_AT]
+    assert ds["pos_index"].sel(pos="-1").values.tolist() == [n - 1 for _, n in LENGTHS]
+    assert ds.attrs["pad_token_id"] == tokens.pad_token_id
+
+
+def test_default_positions_are_the_offsets_every_prompt_reaches(setup):
+    model, dataset, tokens, alone = setup
+    ds = pl.patch_layer_pos(model, dataset, site="mlp_out", layers=[0], progress=False)
+    assert ds["pos"].values.tolist() == [-5, -4, -3, -2, -1]
+    rows = [[pl.Patch(C(site="mlp_out", layer=0, pos=q))] for q in range(-5, 0)]
+    assert close(model, ds["patched"].values[0], reference(model, tokens, alone, rows))[0]
+
+
+def test_per_position_head_sweep_and_noising(setup):
+    model, dataset, tokens, alone = setup
+    ds = pl.patch_heads(model, dataset, site="v", per_position=True, positions=["X", -1], layers=[0],
+                        direction="noising", progress=False)
+    heads = range(model.layout.n_kv_heads)
+    rows = [[pl.Patch(C(site="v", layer=0, head=h, pos=q), source="corrupted")] for h in heads for q in ("X", -1)]
+    expected = reference(model, tokens, alone, rows, base="clean").reshape(1, len(heads), 2, -1)
+    ok, err = close(model, ds["patched"].values, expected)
+    assert ok, err
+    assert ds["pos_index"].sel(pos="X").values.tolist() == [x for x, _ in X_AT]  # the clean run's own index
+
+
+def test_interventions_align_by_name_and_mean_over_each_prompts_own_token(setup):
+    model, dataset, tokens, alone = setup
+    last = model.layout.n_layers - 1
+    v = torch.linspace(-1, 1, model.layout.d_model, dtype=torch.float64)
+    rows = {
+        "mean by name": [pl.Ablate(C(site="attn_out", layer=0, pos=["X", "END"]), how="mean")],
+        "mean from the end": [pl.Ablate(C(site="resid_post", layer=0, pos=[-3, -1]), how="mean")],
+        "resample by name": [pl.Ablate(C(site="head", layer=last, head=1, pos="X"), how="resample", seed=3)],
+        "joint": [pl.Patch(C(site="q", layer=last, head=0, pos="X")), pl.Scale(C(site="mlp_out", layer=0), 0.5),
+                  pl.Steer(C(site="resid_pre", layer=last, pos=-2), v, scale=2.0),
+                  pl.Ablate(C(site="head", layer=0, head=0), how="zero")],
+    }
+    ds = pl.sweep_interventions(model, dataset, rows, progress=False)
+    expected = reference(model, tokens, alone, list(rows.values()))
+    ok, err = close(model, ds["patched"].values, expected)
+    assert ok, err
+
+
+def test_an_all_position_patch_across_different_lengths_is_refused(setup):
+    model, dataset, _, _ = setup
+    with pytest.raises(ValueError, match=r"prompt 1 has 9 tokens in the corrupted run and its source has 8.*"
+                                         r"offsets from the end.*corrupted_positions"):
+        pl.patch_heads(model, dataset, layers=[0], progress=False)
+    with pytest.raises(ValueError, match="reads every position"):
+        pl.run_interventions(model, dataset, [pl.Patch(C(site="resid_pre", layer=0))])
+
+
+def test_bad_positions_are_clear_errors(setup):
+    model, dataset, _, _ = setup
+    with pytest.raises(ValueError, match=r"offset -6 from the end is beyond corrupted prompt 0, which has 5 tokens"):
+        pl.patch_layer_pos(model, dataset, layers=[0], positions=[-6], progress=False)
+    with pytest.raises(ValueError, match=r"'Y' is not a named position.*\['END', 'X'\]"):
+        pl.patch_layer_pos(model, dataset, layers=[0], positions=["Y"], progress=False)
+    with pytest.raises(ValueError, match=r"position 7 is beyond corrupted prompt 0, which has 5 tokens"):
+        pl.run_interventions(model, dataset, [pl.Patch(C(site="resid_pre", layer=0, pos=7))])
+    with pytest.raises(DatasetError, match=r"eap needs prompts of one token length.*\[5, 8, 9, 10, 11\]"):
+        pl.eap(model, dataset)
+
+
+def test_equal_lengths_keep_index_coordinates(setup):
+    """A dataset whose prompts share one length keeps token-index coordinates and no padding."""
+    model, _, _, _ = setup
+    vocab = model.hf.config.vocab_size
+    dataset = pl.PromptPairDataset(pairs=[pl.PromptPair(clean="w1 w2 w3 w4", corrupted="w5 w2 w3 w4",
+                                                        correct=f" w{vocab - 6}", incorrect=f" w{vocab - 5}")])
+    ds = pl.patch_layer_pos(model, dataset, layers=[0], progress=False)
+    assert ds["pos"].values.tolist() == [0, 1, 2, 3] and "pos_index" not in ds.coords
+    assert ds.attrs["padding"] == "none" and np.isfinite(ds["patched"].values).all()
