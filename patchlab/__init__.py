@@ -4,7 +4,7 @@ Public API (see README.md for a tour):
 
 - models: `load_model`, `PatchModel`, `DEFAULT_MODEL`; errors `ModelNotFoundError`, `UnsupportedModelError`
 - addresses: `Component`, `Site`
-- data: `PromptPair`, `PromptPairDataset`, `ioi_dataset`
+- data: `PromptPair`, `PromptPairDataset`, `ioi_dataset`, `chat_pairs` (chat-formatted instructions)
 - metrics: `Metric`, `Direction`; `BaselineGapError` (no clean-corrupted gap to normalise by)
 - activation patching: `patch_layer_pos`, `patch_heads`, `patch_components`
 - your own interventions: `Patch`, `Ablate`, `Steer`, `Scale`, `Freeze`, `At`, `PatchEdge`, `run_interventions`,
@@ -26,6 +26,7 @@ from .acdc_search import acdc
 from .adapters import UnsupportedModelError
 from .agreement import agreement, roc_auc
 from .attribution import eap, eap_ig
+from .chat import chat_pairs
 from .circuit import Circuit
 from .circuit_plots import plot_circuit, plot_faithfulness_curves
 from .components import Component, Site
@@ -56,7 +57,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Component", "Site",
-    "DatasetError", "PromptPair", "PromptPairDataset", "ioi_dataset",
+    "DatasetError", "PromptPair", "PromptPairDataset", "ioi_dataset", "chat_pairs",
     "DEFAULT_MODEL", "PatchModel", "load_model", "ModelNotFoundError", "UnsupportedModelError",
     "BaselineGapError", "Direction", "Metric", "MetricFunction",
     "patch_components", "patch_heads", "patch_layer_pos",
