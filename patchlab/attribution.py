@@ -38,7 +38,7 @@ from .graph import Channel, Graph, NodeKind
 from .kernels import attribution as kattribution
 from .metrics import Direction, Metric, check_gap, get_metric
 from .models import PatchModel, takes_model
-from .patching import tokenize_for
+from .patching import length_groups, tokenize_for
 from .remote import execute
 
 __all__ = ["eap", "eap_ig"]
@@ -95,7 +95,7 @@ def eap_ig(model: PatchModel, dataset: PromptPairDataset, *, steps: int = 5, met
 
 
 def _attribute(model, dataset, *, steps, method, metric, direction, per_position, seed, remote) -> xr.Dataset:
-    tokens = tokenize_for(model, dataset, unpadded=method)
+    tokens = tokenize_for(model, dataset, paired=method)
     metric, direction = get_metric(metric), Direction(direction)
     noising = direction is Direction.NOISING
     base_ids, source_ids = (tokens.clean_ids, tokens.corrupted_ids) if noising else (tokens.corrupted_ids, tokens.clean_ids)
@@ -104,12 +104,13 @@ def _attribute(model, dataset, *, steps, method, metric, direction, per_position
     spec = {"arch": model.arch(), "base_ids": base_ids, "source_ids": source_ids, "steps": steps,
             "metric": metric.spec, "targets": {"correct": tokens.correct_ids, "incorrect": tokens.incorrect_ids},
             "clean_is_base": noising, "receivers": _program_order(graph),
-            "reach": [len(graph.senders_into(node)) for node, _ in graph.receivers], "per_position": per_position}
+            "reach": [len(graph.senders_into(node)) for node, _ in graph.receivers], "per_position": per_position,
+            "groups": length_groups(tokens)}
     result = execute(model, kattribution.attribution_program, spec, remote=remote)
     check_gap(result["runs"]["clean"], result["runs"]["corrupted"], metric)
     runs = SimpleNamespace(metric=metric, direction=direction,
                            baselines={name: value.cpu() for name, value in result["runs"].items()})
-    attrs = score_attrs(model, dataset, runs, method=method, seed=seed, per_position=int(per_position),
+    attrs = score_attrs(model, dataset, runs, method=method, seed=seed, **tokens.pad_attrs(), per_position=int(per_position),
                         **({"ig_steps": steps} if method == "eap_ig" else {}))
     return edge_scores(list(graph.edges()), result["values"].cpu().double().numpy(), graph=graph, attrs=attrs)
 

@@ -84,7 +84,7 @@ def patch_senders_into(model: PatchModel, dataset: PromptPairDataset, receiver: 
 
 
 def _run_edges(model, dataset, edge_sets, metric, direction, progress, memory_mb, remote):
-    tokens = tokenize_for(model, dataset, unpadded="edge patching")
+    tokens = tokenize_for(model, dataset, paired="edge patching")
     result = edge_patch_rows(model, Graph.from_model(model), tokens=tokens, rows=edge_sets, metric=metric,
                              direction=direction, memory_mb=memory_mb, progress=progress, remote=remote)
     return result.values, result.baselines, tokens

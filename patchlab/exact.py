@@ -55,7 +55,7 @@ def exact_edge_scores(model: PatchModel, dataset: PromptPairDataset, *, edges: I
         ValueError: an edge outside the model's graph; a checkpoint of other edges or settings.
     """
     metric, direction = get_metric(metric), Direction(direction)
-    tokens = tokenize_for(model, dataset, unpadded="exact_edge_scores")
+    tokens = tokenize_for(model, dataset, paired="exact_edge_scores")
     if edges is None:
         graph = Graph.from_model(model, n_pos=tokens.n_pos if per_position else None)
         edges = list(graph.edges())
@@ -81,7 +81,7 @@ def exact_edge_scores(model: PatchModel, dataset: PromptPairDataset, *, edges: I
         part = todo[start:start + block]
         result = run(part)
         if attrs is None:
-            attrs = score_attrs(model, dataset, result, method="exact", seed=seed)
+            attrs = score_attrs(model, dataset, result, method="exact", seed=seed, **tokens.pad_attrs())
             base = float(result.baselines["clean" if direction is Direction.NOISING else "corrupted"].double().mean())
         scores[part] = result.values.double().mean(1).numpy() - base
         bar.update(len(part))

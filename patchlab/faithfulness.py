@@ -77,7 +77,7 @@ def evaluate_circuits(model: PatchModel, dataset: PromptPairDataset, circuits: S
     labels = [str(len(c)) for c in circuits] if labels is None else [str(lab) for lab in labels]
     if len(labels) != len(circuits):
         raise ValueError(f"{len(labels)} labels for {len(circuits)} circuits")
-    tokens = tokenize_for(model, dataset, unpadded="circuit evaluation")
+    tokens = tokenize_for(model, dataset, paired="circuit evaluation")
     graph = _graph_for(model, circuits, tokens.n_pos)
     every = frozenset(graph.edges())
     rows = [every] + [_ablated(graph, every, c, level) for c in circuits]
@@ -99,7 +99,7 @@ def evaluate_circuits(model: PatchModel, dataset: PromptPairDataset, circuits: S
         model_id=model.model_id, model_sha256=model.weights_sha256, dataset_sha256=dataset.sha256(), seed=seed,
         metric=m.value, units=m.units, ablation=ablation, level=level,
         token_specific=int(graph.n_pos is not None), dataset=dataset.name, corruption=dataset.corruption,
-        faithfulness_formula="(m(C) - m(empty)) / (m(full) - m(empty)), means over prompts")
+        faithfulness_formula="(m(C) - m(empty)) / (m(full) - m(empty)), means over prompts", **tokens.pad_attrs())
     return ds
 
 

@@ -49,9 +49,9 @@ from .kernels import edges as kedges
 from .kernels import patching as kpatching
 from .metrics import Direction, Metric, get_metric
 from .models import PatchModel
-from .patching import pair_targets, run_pair
+from .patching import pair_targets, require_paired_lengths, run_pair
 from .remote import execute, resolve_remote
-from .runner import checked_gap, chunk_progress, chunk_rows, gather_chunks, pass_specs, rows_per_chunk
+from .runner import checked_gap, chunk_progress, chunk_rows, gather_chunks, pass_specs, rows_per_chunk, run_masks
 
 __all__ = ["ABLATIONS", "graph_cache_sites", "edge_patch_rows", "local_graph_cache", "EdgeResult"]
 
@@ -114,11 +114,14 @@ def edge_patch_rows(model: PatchModel, graph: Graph, *, tokens: TokenizedPairs, 
     layer L skips blocks ``0..L-1``, fed the base run's residual stream.
 
     Args:
-        tokens: the clean and corrupted prompts, ``[prompt, pos]``.
+        tokens: the clean and corrupted prompts, ``[prompt, pos]``; left-padded prompts of different
+            lengths are fine when each clean prompt has its corrupted prompt's length. Padding is never
+            patched; a token-specific edge's ``pos`` is a batch column (``pos - n_pos`` from the end).
         rows: one set of edges of `graph` per row (any size, up to every edge).
         direction: noising patches corrupted values into the clean run, denoising the reverse.
         ablation: "resample" (the source run's values) or "mean" (their mean over prompts,
-            per position; for Gemma's post-normed heads, the contribution of the mean head output).
+            per position, over real tokens of left-padded prompts; for Gemma's post-normed heads,
+            the contribution of the mean head output).
         acts: `local_graph_cache` of these tokens, to skip caching the runs (local only).
         remote: see `patchlab.remote`; this costs 1 request.
         gap: the runs whose metric gap must allow normalising (default the clean and corrupted
@@ -144,8 +147,11 @@ def edge_patch_rows(model: PatchModel, graph: Graph, *, tokens: TokenizedPairs, 
     weights = [1 + n_terms / 8 for _, _, n_terms in summaries]  # a correction term costs ~1/8 of a row's activations
     chunks = chunk_rows(starts, rows_per_chunk(model, n_prompts, n_pos, memory_mb), weights)
     targets = pair_targets(tokens)
-    spec = {"arch": model.arch(), "runs": pass_specs([run_pair(tokens)], graph_cache_sites(model)), "base": base, "source": source,
+    require_paired_lengths(tokens, "edge patching")
+    passes = [run_pair(tokens)]
+    spec = {"arch": model.arch(), "runs": pass_specs(passes, graph_cache_sites(model)), "base": base, "source": source,
             "ablation": ablation, "base_ids": base_ids, "metric": metric.spec, "kl_from": "clean", "gap": gap,
+            "masks": run_masks(passes),
             "targets": {"correct": targets.correct, "incorrect": targets.incorrect},
             "chunks": [{"start": starts[chunk[0]], "n_rows": len(chunk),
                         "keys": _plan(model, graph, [rows[r] for r in chunk], [summaries[r][1] for r in chunk], n_pos)}

@@ -42,7 +42,7 @@ from .graph_runner import edge_patch_rows
 from .interventions import Ablate, At, Freeze, Intervention, Patch, PatchEdge, Run, Scale, Steer, joint_set
 from .metrics import Direction, Metric, get_metric
 from .models import PatchModel, takes_model
-from .patching import pair_targets, refuse_padding, result_dataset, run_pair, tokenize_for
+from .patching import pair_targets, result_dataset, run_pair, tokenize_for
 from .runner import run_rows
 
 __all__ = ["run_interventions", "sweep_interventions", "trace", "InterventionTrace"]
@@ -193,7 +193,6 @@ def _edge_level(sets) -> bool:
 def _run_edges(model, tokens, sets, base: Run, metric, direction: Direction, memory_mb, progress, remote):
     """Edge-level rows on `patchlab.graph_runner.edge_patch_rows`: every edge of the sweep carries the
     other run's values (mean or not: one setting per sweep)."""
-    refuse_padding(tokens, "an edge sweep (PatchEdge)")
     sources = {(i.source, i.mean) for s in sets for i in s}
     other = Run.CLEAN if base is Run.CORRUPTED else Run.CORRUPTED
     if len(sources) > 1 or next(iter(sources))[0] is not other:

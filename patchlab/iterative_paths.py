@@ -42,6 +42,7 @@ from .data import PromptPairDataset
 from .graph import Channel, Edge, Graph, Node, NodeKind
 from .metrics import Direction, Metric, get_metric, score_formula
 from .models import PatchModel, takes_model
+from .patching import tokenize_for
 from .paths import path_caches, path_patch_heads
 from .provenance import provenance_attrs
 from .remote import resolve_remote
@@ -118,6 +119,7 @@ def iterative_path_patching(model: PatchModel, dataset: PromptPairDataset, *, th
     if max_depth < 1 or (max_receivers_per_step is not None and max_receivers_per_step < 1):
         raise ValueError(f"max_depth ({max_depth}) and max_receivers_per_step ({max_receivers_per_step}) must be >= 1")
     graph, lay = Graph.from_model(model), model.layout
+    pad_attrs = tokenize_for(model, dataset, paired="iterative path patching").pad_attrs()
     group, kv_kind = lay.n_heads // lay.n_kv_heads, NodeKind.KV_HEAD if graph.gqa else NodeKind.HEAD
     common = dict(metric=metric, direction=direction, freeze_mlps=freeze_mlps, seed=seed)
     config = {"model_sha256": model.weights_sha256, "dataset_sha256": dataset.sha256(), "metric": metric.value,
@@ -188,7 +190,7 @@ def iterative_path_patching(model: PatchModel, dataset: PromptPairDataset, *, th
         git_path=Path(__file__).parent, method="iterative_path_patching", metric=metric.value, units=metric.units,
         direction=direction.value, threshold=float(threshold), max_depth=int(max_depth),
         max_receivers_per_step=-1 if max_receivers_per_step is None else int(max_receivers_per_step),
-        channels=",".join(c.value for c in channels), freeze_mlps=int(freeze_mlps),
+        channels=",".join(c.value for c in channels), freeze_mlps=int(freeze_mlps), **pad_attrs,
         score="path effect m_patched - m_base, prompt means; base = clean (noising) or corrupted (denoising)",
         normalised_formula=score_formula(direction), selection="|normalised| >= threshold",
         senders="attention heads only (embedding and MLP edges are not path-patched)",

@@ -171,38 +171,51 @@ def patch_components(model: PatchModel, dataset: PromptPairDataset, components: 
 
 # ---- shared machinery -------------------------------------------------------------
 
-def tokenize_for(model: PatchModel, dataset: PromptPairDataset, *, unpadded: str | None = None) -> TokenizedPairs:
+def tokenize_for(model: PatchModel, dataset: PromptPairDataset, *, paired: str | None = None) -> TokenizedPairs:
     """Tokenize and validate `dataset` for `model` (its tokenizer and context length).
 
     Args:
-        unpadded: the name of an algorithm that needs prompts of one token length (graph-level work
-            does not take left padding yet); a dataset of several lengths is then refused.
+        paired: the name of an algorithm that patches every position of a sender, so each clean
+            prompt needs as many tokens as its corrupted one (`require_paired_lengths`).
 
     Raises:
-        patchlab.data.DatasetError: see `PromptPairDataset.tokenize`, or prompts of several lengths
-            for an `unpadded` algorithm (the message names it and what takes them).
+        patchlab.data.DatasetError: see `PromptPairDataset.tokenize` and `require_paired_lengths`.
     """
     if not isinstance(dataset, PromptPairDataset):
         raise TypeError(f"expected a PromptPairDataset, got {type(dataset).__name__}")
     tokens = dataset.tokenize(model.tokenizer, max_length=model.layout.n_ctx)
-    if unpadded is not None:
-        refuse_padding(tokens, unpadded)
+    if paired is not None:
+        require_paired_lengths(tokens, paired)
     return tokens
 
 
-def refuse_padding(tokens: TokenizedPairs, algorithm: str) -> None:
-    """Refuse prompts of several token lengths for an algorithm that does not take left padding yet.
+def require_paired_lengths(tokens: TokenizedPairs, algorithm: str) -> None:
+    """Refuse a pair whose clean and corrupted prompts differ in length, for an algorithm that
+    patches every position of a sender (pairs of different lengths from each other are fine).
 
     Raises:
-        patchlab.data.DatasetError: the message names the algorithm, the lengths and what takes them.
+        patchlab.data.DatasetError: the message names the pair, its lengths and the fixes.
     """
-    if tokens.padded:
-        lengths = sorted(set(tokens.clean_mask.sum(1).tolist()) | set(tokens.corrupted_mask.sum(1).tolist()))
+    clean, corrupted = tokens.clean_mask.sum(1), tokens.corrupted_mask.sum(1)
+    bad = torch.nonzero(clean != corrupted).flatten()
+    if len(bad):
+        p = int(bad[0])
         raise DatasetError(
-            f"{algorithm} needs prompts of one token length for now, and this dataset has prompts of {lengths} "
-            "tokens; node-level work (patch_layer_pos, patch_heads, patch_components, pl.sweep_interventions, "
-            "pl.trace) takes prompts of any lengths. Fix: split the dataset by length "
-            "(PromptPairDataset(pairs=[...])), or use pairs of one length (pl.chat_pairs(..., match_lengths=True))")
+            f"{algorithm} patches every position of a sender, so each clean prompt needs as many tokens as its "
+            f"corrupted prompt; pair {p} has {int(clean[p])} and {int(corrupted[p])} tokens. Fix: pair prompts of "
+            "equal token lengths (pl.chat_pairs(..., match_lengths=True)), or use node-level work "
+            "(patch_layer_pos, patch_heads(per_position=True), pl.sweep_interventions), which aligns positions by "
+            "name or from the end")
+
+
+def length_groups(tokens: TokenizedPairs) -> list[tuple[torch.Tensor, int]] | None:
+    """The prompts grouped by token length, ``[(prompt indices, length)]`` shortest first, for a
+    program that runs each length unpadded; None when every prompt has one length. Needs each clean
+    prompt of its corrupted prompt's length (`require_paired_lengths`)."""
+    if not tokens.padded:
+        return None
+    lengths = tokens.clean_mask.sum(1)
+    return [(torch.nonzero(lengths == n).flatten(), int(n)) for n in lengths.unique().tolist()]
 
 
 def _component_rows(components) -> list[tuple[Component, ...]]:

@@ -34,7 +34,7 @@ from .metrics import Metric, Targets
 from .models import PatchModel
 from .remote import execute
 from .runner import (CachePass, PatchResult, checked_gap, chunk_progress, chunk_rows, gather_chunks, pass_specs,
-                     rows_per_chunk)
+                     rows_per_chunk, run_masks)
 
 __all__ = ["path_cache_sites", "cache_path_runs", "path_patch_rows"]
 
@@ -64,7 +64,8 @@ def path_patch_rows(model: PatchModel, *, passes: Sequence[CachePass], base: str
     Caching the runs and every pass form one program (`patchlab.kernels.paths`).
 
     Args:
-        passes: the cache passes that create the runs (the base and source among them).
+        passes: the cache passes that create the runs (the base and source among them); left-padded
+            passes (`CachePass.mask`) need each base prompt of its source prompt's length.
         base, source: names of the run patched into and of the run the senders' values come from.
         base_ids: the base run's tokens, ``[prompt, pos]``.
         rows: one set of sender nodes (heads and/or MLPs) per row.
@@ -100,7 +101,7 @@ def path_patch_rows(model: PatchModel, *, passes: Sequence[CachePass], base: str
     starts = [min((s.layer for s in row), default=first_receiver) for row in rows]
     chunks = chunk_rows(starts, rows_per_chunk(model, n_prompts, n_pos, memory_mb))
     spec = {"arch": model.arch(), "runs": pass_specs(passes, path_cache_sites(model)), "base": base, "source": source,
-            "base_ids": base_ids, "metric": metric.spec, "kl_from": kl_from, "freeze_mlps": freeze_mlps, "gap": gap,
+            "masks": run_masks(passes), "base_ids": base_ids, "metric": metric.spec, "kl_from": kl_from, "freeze_mlps": freeze_mlps, "gap": gap,
             "targets": {"correct": targets.correct, "incorrect": targets.incorrect},
             "stages": _stages(model, stages),
             "receiver_sets": [{"receivers": _receivers(model, rs), "start": min(_layer(model, n) for n, _ in rs)}

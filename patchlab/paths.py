@@ -34,7 +34,7 @@ def path_caches(model: PatchModel, dataset: PromptPairDataset) -> dict:
     """The clean and corrupted runs' activations that path patching reads, computed here
     (one forward pass), to pass as ``caches=`` to several `path_patch_heads` sweeps of
     `dataset`. Local models only: remotely every sweep computes its own in its request."""
-    return cache_path_runs(model, [run_pair(tokenize_for(model, dataset, unpadded="path patching"))])
+    return cache_path_runs(model, [run_pair(tokenize_for(model, dataset, paired="path patching"))])
 
 
 @takes_model
@@ -97,7 +97,7 @@ def path_patch_heads(model: PatchModel, dataset: PromptPairDataset, *,
                 for n, _ in via or [r for rs in sets.values() for r in rs])
     senders = [Node(NodeKind.HEAD, layer, h) for layer in range(min(first, lay.n_layers)) for h in range(lay.n_heads)]
 
-    tokens = tokenize_for(model, dataset, unpadded="path patching")
+    tokens = tokenize_for(model, dataset, paired="path patching")
     metric, direction = get_metric(metric), Direction(direction)
     base, source = ("corrupted", "clean") if direction is Direction.DENOISING else ("clean", "corrupted")
     grid = torch.full((len(sets), lay.n_layers, lay.n_heads, tokens.n_prompts), float("nan"), dtype=torch.float64)

@@ -188,7 +188,7 @@ def test_bad_positions_are_clear_errors(setup):
         pl.patch_layer_pos(model, dataset, layers=[0], positions=["Y"], progress=False)
     with pytest.raises(ValueError, match=r"position 7 is beyond corrupted prompt 0, which has 5 tokens"):
         pl.run_interventions(model, dataset, [pl.Patch(C(site="resid_pre", layer=0, pos=7))])
-    with pytest.raises(DatasetError, match=r"eap needs prompts of one token length.*\[5, 8, 9, 10, 11\]"):
+    with pytest.raises(DatasetError, match=r"eap patches every position of a sender.*pair 1 has 8 and 9 tokens"):
         pl.eap(model, dataset)
 
 
@@ -201,3 +201,165 @@ def test_equal_lengths_keep_index_coordinates(setup):
     ds = pl.patch_layer_pos(model, dataset, layers=[0], progress=False)
     assert ds["pos"].values.tolist() == [0, 1, 2, 3] and "pos_index" not in ds.coords
     assert ds.attrs["padding"] == "none" and np.isfinite(ds["patched"].values).all()
+
+
+# ---- graph level: pairs of different lengths from each other, clean and corrupted of one length ----
+
+PAIRED = ((5, 5), (8, 8), (11, 11))
+
+
+def paired_pairs(vocab: int, seed: int = 1) -> pl.PromptPairDataset:
+    g = torch.Generator().manual_seed(seed)
+    words = lambda n: " ".join(f"w{int(t)}" for t in torch.randint(0, vocab - 8, (n,), generator=g))  # noqa: E731
+    return pl.PromptPairDataset(pairs=[pl.PromptPair(clean=words(n), corrupted=words(n), correct=f" w{vocab - 6}",
+                                                     incorrect=f" w{vocab - 5}") for n, _ in PAIRED], name="paired")
+
+
+@pytest.fixture(scope="module", params=ALL_FAMILIES)
+def paired(request):
+    model = tiny_patch_model(request.param)
+    dataset = paired_pairs(model.hf.config.vocab_size)
+    tokens = dataset.tokenize(model.tokenizer)
+    alone = {run: [ids[mask][None] for ids, mask in zip(getattr(tokens, f"{run}_ids"), getattr(tokens, f"{run}_mask"))]
+             for run in ("clean", "corrupted")}
+    return model, dataset, tokens, alone
+
+
+def reference_edges(model, tokens, alone, edge_sets, direction):
+    """Each prompt alone through `tests.reference_graph`; a token-specific edge's batch column is
+    the prompt's own token at the same offset from the end (absent from a shorter prompt)."""
+    from .reference_graph import reference_edge_patched_logits
+    from .test_edges_exact import ref_edge
+    base, source = ("clean", "corrupted") if direction == "noising" else ("corrupted", "clean")
+    out = torch.zeros(len(edge_sets), tokens.n_prompts, dtype=torch.float64)
+    for p in range(tokens.n_prompts):
+        n = alone[base][p].shape[1]
+        shift = tokens.n_pos - n
+        t = Targets(correct=tokens.correct_ids[p:p + 1], incorrect=tokens.incorrect_ids[p:p + 1])
+        for r, edges in enumerate(edge_sets):
+            own_edges = [ref_edge(e if e.pos is None else e.with_pos(e.pos - shift)) for e in edges
+                         if e.pos is None or e.pos >= shift]
+            logits = reference_edge_patched_logits(model.hf, alone[base][p], alone[source][p], own_edges)
+            out[r, p] = Metric.LOGIT_DIFF(logits, t)[0]
+    return out
+
+
+@pytest.mark.parametrize("direction", ["noising", "denoising"])
+def test_edge_patching_of_padded_prompts_equals_each_prompt_alone(paired, direction):
+    from .test_edges_exact import large_edge_sets, some_edge_sets
+    model, dataset, tokens, alone = paired
+    graph = pl.Graph.from_model(model)
+    edge_sets = some_edge_sets(graph, tokens.n_pos) + large_edge_sets(graph, tokens.n_pos)
+    ds = pl.patch_edges(model, dataset, edge_sets, direction=direction, progress=False)
+    expected = reference_edges(model, tokens, alone, edge_sets, direction)
+    tol = exact_atol(model, expected, edges=True, padded=True)
+    got = torch.from_numpy(ds.patched.values)
+    assert torch.allclose(got, expected, atol=tol, rtol=0), (got - expected).abs().max()
+    assert ds.attrs["padding"] == "left"
+
+
+def test_graph_level_work_refuses_pairs_of_different_lengths(setup):
+    model, dataset, _, _ = setup
+    edge = next(iter(pl.Graph.from_model(model).edges()))
+    with pytest.raises(DatasetError, match=r"pair 1 has 8 and 9 tokens.*match_lengths=True"):
+        pl.patch_edges(model, dataset, [[edge]], progress=False)
+
+
+def test_mean_ablated_edges_average_real_tokens_only(paired):
+    """Edges carrying the corrupted run's mean: the mean at each offset from the end is over the
+    prompts that reach it (real tokens only). The reference averages each sender's contribution
+    over the prompts alone; for Gemma the kernel takes the contribution of the mean head output
+    (its post-norm is not linear), so Gemma is left to the node-level mean tests."""
+    from .reference_graph import _edge_run, reference_contributions
+    from .test_edges_exact import ref_edge, some_edge_sets
+    from patchlab.graph_runner import edge_patch_rows
+    model, dataset, tokens, alone = paired
+    if model.hf.config.model_type.startswith("gemma"):
+        pytest.skip("Gemma's head contributions are not linear in the head output")
+    graph = pl.Graph.from_model(model)
+    edge_sets = [s for s in some_edge_sets(graph, tokens.n_pos) if all(e.pos is None for e in s)]
+    result = edge_patch_rows(model, graph, tokens=tokens, rows=edge_sets, metric=Metric.LOGIT_DIFF,
+                             ablation="mean", progress=False)
+    contributions = [reference_contributions(model.hf, ids) for ids in alone["corrupted"]]
+    expected = torch.zeros(len(edge_sets), tokens.n_prompts, dtype=torch.float64)
+    for p in range(tokens.n_prompts):
+        n = alone["clean"][p].shape[1]
+        # token j of this prompt is offset j - n from the end; the mean is over the prompts that reach it
+        mean = {node: torch.stack([torch.stack([c[node][0, c[node].shape[1] - n + j] for c in contributions
+                                                if c[node].shape[1] >= n - j]).mean(0) for j in range(n)])[None]
+                for node in contributions[0]}
+        t = Targets(correct=tokens.correct_ids[p:p + 1], incorrect=tokens.incorrect_ids[p:p + 1])
+        for r, edges in enumerate(edge_sets):
+            logits = _edge_run(model.hf, alone["clean"][p], [ref_edge(e) for e in edges], mean)[0]
+            expected[r, p] = Metric.LOGIT_DIFF(logits, t)[0]
+    tol = exact_atol(model, expected, edges=True, padded=True)
+    assert torch.allclose(result.values.double(), expected, atol=tol, rtol=0), (result.values - expected).abs().max()
+
+
+@pytest.mark.parametrize("per_position", [False, True])
+def test_eap_of_mixed_lengths_is_the_mean_of_each_prompts_derivative(paired, per_position):
+    """EAP runs each length unpadded and sums in: a score is the mean over prompts of the derivative
+    of edge patching on each prompt alone (`tests.test_attribution.derivative`, finite differences
+    of the plain-hook reference); a token-specific edge at batch column c is each prompt's own token
+    at the same offset from the end (absent from a shorter prompt: 0)."""
+    from .test_attribution import TOL, derivative, sample_edges, score
+    model, dataset, tokens, _ = paired
+    ds = pl.eap(model, dataset, per_position=per_position)
+    alone = [pl.PromptPairDataset(pairs=[pair]).tokenize(model.tokenizer) for pair in dataset]
+    graph = pl.Graph.from_model(model)
+    for edge in sample_edges(graph, 1, seed=5)[::4]:
+        if not per_position:
+            expected = np.mean([derivative(model, t, edge) for t in alone])
+        else:
+            column = tokens.n_pos - 4
+            edge = edge.with_pos(column)
+            expected = np.mean([derivative(model, t, edge.with_pos(t.n_pos - 4)) for t in alone])
+        assert score(ds, edge) == pytest.approx(expected, **TOL), edge.label
+
+
+@pytest.mark.parametrize("freeze_mlps", [False, True])
+def test_path_patching_of_padded_prompts_equals_each_prompt_alone(paired, freeze_mlps):
+    from .reference_graph import reference_path_patched_logits
+    model, dataset, tokens, alone = paired
+    lay = model.layout
+    receivers = [pl.Node(pl.NodeKind.HEAD, 2, 1)]
+    for target in ("logits", receivers):
+        ds = pl.path_patch_heads(model, dataset, receivers=target, freeze_mlps=freeze_mlps, progress=False)
+        channels = ["in"] if target == "logits" else ["q", "k", "v"]
+        group = lay.n_heads // lay.n_kv_heads
+        for channel in channels:
+            ref_receivers = "logits" if target == "logits" else [(("head", 2, 1 if channel == "q" else 1 // group),
+                                                                  channel)]
+            for layer in range(2):
+                for head in (0, lay.n_heads - 1):
+                    got = ds.patched.sel(layer=layer, head=head)
+                    got = got if target == "logits" else got.sel(channel=channel)
+                    expected = torch.stack([Metric.LOGIT_DIFF(
+                        reference_path_patched_logits(model.hf, alone["clean"][p], alone["corrupted"][p],
+                                                      [("head", layer, head)], ref_receivers, freeze_mlps=freeze_mlps),
+                        Targets(correct=tokens.correct_ids[p:p + 1], incorrect=tokens.incorrect_ids[p:p + 1]))[0]
+                        for p in range(tokens.n_prompts)]).double()
+                    ok, err = close(model, got.values, expected)
+                    assert ok, (target, channel, layer, head, err)
+
+
+def test_exact_scores_acdc_and_circuit_evaluation_take_padded_prompts(paired):
+    """The discovery algorithms built on edge patching: exact scores equal each prompt alone through
+    the reference; ACDC and circuit evaluation run on the padded batch and agree with each other
+    (on two families: ACDC evaluates every edge, the slowest part of this file)."""
+    model, dataset, tokens, alone = paired
+    graph = pl.Graph.from_model(model)
+    edges = sorted(graph.edges(), key=lambda e: e.label)[::29][:4]
+    scores = pl.exact_edge_scores(model, dataset, edges=edges, progress=False)
+    patched = reference_edges(model, tokens, alone, [[e] for e in edges], "noising")
+    base = reference_edges(model, tokens, alone, [[]], "noising")
+    expected = (patched - base).mean(1)
+    ok, err = close(model, scores["score"].sel(edge=[e.label for e in edges]).values, expected)
+    assert ok, err
+    if model.hf.config.model_type not in ("gpt2", "llama"):
+        return
+    found = pl.acdc(model, dataset, tau=0.05, progress=False)
+    evaluated = pl.evaluate_circuits(model, dataset, [found], metric="kl", progress=False)
+    assert evaluated["metric"].values.mean() == pytest.approx(found.scores.attrs["metric_final"], abs=1e-9)
+    mean = pl.evaluate_circuits(model, dataset, [pl.Circuit.top_k(scores, 2)], ablation="mean", progress=False)
+    assert np.isfinite(mean["faithfulness"].values).all() and mean.attrs["padding"] == "left"

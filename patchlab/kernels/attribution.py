@@ -22,29 +22,52 @@ def attribution_program(nn, spec):
     points ``alpha = k / steps``); ``metric`` (name); ``targets`` (``correct``, ``incorrect``:
     ``[prompt]``); ``clean_is_base`` (whether the base run is the clean one, the KL reference);
     ``receivers`` (program-order index of each receiver, in the order of the edges); ``reach``
-    (number of senders of each of those receivers: a prefix of the senders); ``per_position``.
+    (number of senders of each of those receivers: a prefix of the senders); ``per_position``;
+    ``groups`` (optional): for left-padded prompts, ``[(prompt indices, length)]``, prompts whose
+    base and source runs both have that many real tokens. Each group runs on its own, unpadded
+    (a backward pass through fully masked padding rows would be NaN in a float64 model whose
+    softmax is float32), and its scores are summed in; a token-specific score of a group's own
+    position ``j`` belongs to the batch column ``pos - length + j``.
 
     Returns ``{"values": [edge], "runs": {"clean": [prompt], "corrupted": [prompt]}}``: the
     estimated ``m(patched) - m(base)`` of each edge (mean over prompts; edges by receiver,
     sender, position), and the metric of the two runs.
     """
-    arch, n_prompts = spec["arch"], spec["base_ids"].shape[0]
+    n_prompts, n_pos = spec["base_ids"].shape
+    groups = spec.get("groups") or [(torch.arange(n_prompts), n_pos)]
+    total, runs = None, {"clean": [None] * n_prompts, "corrupted": [None] * n_prompts}
+    for index, length in groups:
+        values, metrics = _score_group(nn, spec, index, n_pos - length)
+        if spec["per_position"] and length < n_pos:  # the group's positions are the last `length` columns
+            values = torch.nn.functional.pad(values.reshape(-1, length), (n_pos - length, 0)).flatten()
+        total = values if total is None else total + values
+        for name, value in metrics.items():
+            for p, v in zip(index.tolist(), value):
+                runs[name][p] = v
+    return {"values": total / n_prompts, "runs": {name: torch.stack(v) for name, v in runs.items()}}
+
+
+def _score_group(nn, spec, index, start):
+    """The summed edge values of prompts `index` (their tokens from column `start` on) and their
+    clean and corrupted metrics."""
+    arch = spec["arch"]
+    base_ids, source_ids = spec["base_ids"][index, start:], spec["source_ids"][index, start:]
     sites = [("resid_pre", 0)] + [(site, layer) for layer in range(arch["n_layers"]) for site in ("head", "mlp_out")]
-    source = cache_pass(nn, arch, spec["source_ids"], ["source"], sites)
-    x, y, base, logits = gradient_pass(nn, arch, spec["base_ids"], source[("source", "resid_pre", 0)], spec["steps"])
+    source = cache_pass(nn, arch, source_ids, ["source"], sites)
+    x, y, base, logits = gradient_pass(nn, arch, base_ids, source[("source", "resid_pre", 0)], spec["steps"])
     clean_logits = base[("base", "logits")] if spec["clean_is_base"] else source[("source", "logits")]
-    targets = with_clean_logprobs(spec["targets"], clean_logits)
+    targets = with_clean_logprobs({k: v[index] for k, v in spec["targets"].items()}, clean_logits)
     value = metric(spec["metric"], logits, repeat_targets(targets, spec["steps"])).sum()  # prompts are independent
     with torch.enable_grad():
         got = dict(zip(y, torch.autograd.grad(value, list(y.values()))))
     grads = receiver_gradients(nn, arch, x, got, spec["steps"])
     g = torch.stack([grads[i] for i in spec["receivers"]])  # [receiver, prompt, pos, d_model]
     d = sender_differences(nn, arch, source, base)
-    values = edge_values(d, g, spec["reach"], spec["per_position"]) / n_prompts
+    values = edge_values(d, g, spec["reach"], spec["per_position"])
     runs = {"base": metric(spec["metric"], base[("base", "logits")], targets),
             "source": metric(spec["metric"], source[("source", "logits")], targets)}
     clean, corrupted = ("base", "source") if spec["clean_is_base"] else ("source", "base")
-    return {"values": values, "runs": {"clean": runs[clean], "corrupted": runs[corrupted]}}
+    return values, {"clean": runs[clean], "corrupted": runs[corrupted]}
 
 
 def gradient_pass(nn, arch, base_ids, source_embed, steps):

@@ -18,17 +18,18 @@ batch rows ``r * prompt .. r * prompt + prompt - 1``):
 
 import torch
 
-from .common import (at, block, head_contributions, head_weights, input_head_weights, metric, mlp_in_point, module,
-                     point, rep, repeat_targets, skip_value, stop_for_gap, torch_module, unview, view,
-                     with_clean_logprobs)
-from .patching import cache_runs
+from .common import (at, block, clear_padding, head_contributions, head_weights, input_head_weights, metric,
+                     mlp_in_point, module, padding, point, rep, repeat_targets, skip_value, stop_for_gap, torch_module,
+                     unview, view, with_clean_logprobs)
+from .patching import cache_runs, real_mean
 
 HEAD_KINDS = ("head", "kv_head")
 
 
-def mean_run(acts, run, name):
-    """Run `name`: every activation of `run` replaced by its mean over prompts (per position)."""
-    return {(name,) + key[1:]: value.mean(0, keepdim=True).expand_as(value).contiguous()
+def mean_run(acts, run, name, mask=None):
+    """Run `name`: every activation of `run` replaced by its mean over prompts (per position; over
+    real tokens only when `mask`, ``[prompt, pos]``, marks left padding)."""
+    return {(name,) + key[1:]: real_mean(value, mask).expand_as(value).contiguous()
             for key, value in acts.items() if key[0] == run and key[1] != "logits"}
 
 
@@ -64,19 +65,23 @@ def _add(delta, i, term):
     delta[i] = term if i not in delta else delta[i].to(term.device) + term
 
 
-def _patched_input(current, source_resid, key, delta):
+def _patched_input(current, source_resid, key, delta, real=None):
     """What a receiver channel reads: its own residual plus the patched edges' differences,
-    or (complement form) the source residual minus the unpatched edges' differences."""
+    or (complement form) the source residual minus the unpatched edges' differences. Padding
+    (`real` False, ``[batch, pos]``) keeps `current`: it is never patched."""
     out = current + key["flip"].to(current.device) * (source_resid - current)
-    return out if delta is None else out + delta.to(out.device)
+    out = out if delta is None else out + delta.to(out.device)
+    return out if real is None else torch.where(real.to(out.device)[..., None], out, current)
 
 
-def patch_chunk(nn, arch, ids, chunk, acts, base, src):
+def patch_chunk(nn, arch, ids, chunk, acts, base, src, mask=None):
     """One forward pass of ``chunk["n_rows"]`` copies of the base run (``ids``: ``[prompt, pos]``),
     each row with its edges patched from the source values `src` (`source_values`).
 
     Blocks ``0..chunk["start"]-1`` are skipped, fed the base run's residual stream from `acts`.
-    Returns the final position's logits, ``[row * prompt, vocab]``.
+    `mask` (``[prompt, pos]``, True on real tokens) marks left padding: the pass gets its attention
+    mask and position ids, every block input is cleared there (`clear_padding`), and no receiver
+    input is patched there. Returns the final position's logits, ``[row * prompt, vocab]``.
     """
     n_rows, start = chunk["n_rows"], chunk["start"]
     resid_start = acts[(base, "resid_pre", start)]
@@ -92,25 +97,30 @@ def patch_chunk(nn, arch, ids, chunk, acts, base, src):
     head_layers = {layer for key in keys for layer in key["heads"]}
     mlp_layers = {layer for key in keys for layer in key["mlps"]}
     delta = {}  # key index -> correction, [row * prompt, pos, d_model]
-    with torch.no_grad(), nn.trace(ids.repeat(n_rows, 1), logits_to_keep=1):
+    real = None if mask is None else mask.repeat(n_rows, 1)
+    with torch.no_grad(), nn.trace(ids.repeat(n_rows, 1), logits_to_keep=1, **padding(real)):
         for layer in range(start):
             block(nn, arch, layer).skip(skip)
         for layer in range(start, arch["n_layers"]):
             resid = block(nn, arch, layer).input
+            if real is not None:
+                resid = clear_padding(resid, real)
+                block(nn, arch, layer).input = resid
             if layer == 0:
                 for i, key in enumerate(keys):
                     if key["embed"] is not None:
                         _add(delta, i, key["embed"].to(resid.device) * (tiled(src["embed"], resid) - resid))
             if layer in head_receivers:
                 _patch_head_inputs(nn, arch, layer, resid, tiled(src["resid_pre"][layer], resid),
-                                   head_receivers[layer], keys, delta)
+                                   head_receivers[layer], keys, delta, real)
             if layer in head_layers:
                 _add_head_terms(nn, arch, layer, tiled(src["heads"][layer], resid), keys, delta)
             if layer in mlp_receiver:
                 i = mlp_receiver[layer]
                 norm = at(nn, arch, mlp_in_point(arch, layer))
                 current = norm.input
-                norm.input = _patched_input(current, tiled(src["resid_mlp"][layer], current), keys[i], delta.get(i))
+                norm.input = _patched_input(current, tiled(src["resid_mlp"][layer], current), keys[i], delta.get(i),
+                                            real)
             if layer in mlp_layers:
                 out = at(nn, arch, point(arch, "mlp_out", layer)).output
                 diff = tiled(src["mlps"][layer], out) - out
@@ -121,7 +131,7 @@ def patch_chunk(nn, arch, ids, chunk, acts, base, src):
             final = module(nn, arch["final_norm"])
             current = final.input
             final.input = _patched_input(current, tiled(src["resid_final"], current), keys[logits_receiver],
-                                         delta.get(logits_receiver))
+                                         delta.get(logits_receiver), real)
         logits = nn.output.logits[:, -1].clone()
     return logits
 
@@ -142,7 +152,7 @@ def _add_head_terms(nn, arch, layer, source_heads, keys, delta):
             _add(delta, i, (diff * key["heads"][layer].to(diff.device)[..., None]).flatten(2) @ w)
 
 
-def _patch_head_inputs(nn, arch, layer, resid, source_resid, receivers, keys, delta):
+def _patch_head_inputs(nn, arch, layer, resid, source_resid, receivers, keys, delta, real=None):
     """Recompute the q/k/v slice of each receiver head (indices `receivers` into `keys`) from its
     own patched residual (all partially patched channels of a projection in one batched norm
     and matmul); fully patched heads take the slice of the source projection."""
@@ -166,10 +176,12 @@ def _patch_head_inputs(nn, arch, layer, resid, source_resid, receivers, keys, de
                 source = torch.einsum("bpd,dhe->bphe", normed(source_resid), weight) + bias
                 for i in full:
                     h = keys[i]["head"]
-                    sliced[:, :, h] = torch.where(keys[i]["full"][:, None, None], source[:, :, h], sliced[:, :, h])
+                    take = keys[i]["full"][:, None, None] if real is None else \
+                        keys[i]["full"][:, None, None] & real.to(source.device)[..., None]
+                    sliced[:, :, h] = torch.where(take, source[:, :, h], sliced[:, :, h])
             partial = [i for i in group if keys[i]["partial"].any()]
             if partial:
-                x = torch.stack([_patched_input(resid, source_resid, keys[i], delta.get(i)) for i in partial])
+                x = torch.stack([_patched_input(resid, source_resid, keys[i], delta.get(i), real) for i in partial])
                 heads = [keys[i]["head"] for i in partial]
                 recomputed = torch.einsum("kbpd,kde->kbpe", normed(x), weight[:, heads].transpose(0, 1)) \
                     + bias[heads][:, None, None, :]
@@ -188,7 +200,8 @@ def edge_program(nn, spec, acts=None, progress=None):
     ``base``/``source`` run names, ``ablation`` ("resample": the source run itself; "mean":
     its mean over prompts per position), ``base_ids`` (``[prompt, pos]``), ``metric`` (name),
     ``targets`` (``correct``, ``incorrect``: ``[prompt]``), ``kl_from`` (run whose logits are
-    the KL reference) and ``chunks``: ``[{"start", "n_rows", "keys"}]`` (see the module docstring).
+    the KL reference), ``masks`` (``{run: [prompt, pos]}``, True on real tokens of left-padded
+    prompts, or None) and ``chunks``: ``[{"start", "n_rows", "keys"}]`` (see the module docstring).
     ``gap`` (optional): two run names; when their metrics leave no gap to normalise by
     (`stop_for_gap`), the program returns before its chunks, with ``values`` empty.
     `acts`: a cache of the same runs made earlier (`cache_runs`), to skip caching.
@@ -199,8 +212,9 @@ def edge_program(nn, spec, acts=None, progress=None):
     if acts is None:
         acts = cache_runs(nn, arch, spec["runs"])
     source = spec["source"]
+    masks = spec.get("masks") or {}
     if spec["ablation"] == "mean":
-        acts = {**acts, **mean_run(acts, source, "mean")}
+        acts = {**acts, **mean_run(acts, source, "mean", masks.get(source))}
         source = "mean"
     src = source_values(nn, arch, acts, source)
     targets = with_clean_logprobs(spec["targets"], acts[(spec["kl_from"], "logits")])
@@ -210,7 +224,7 @@ def edge_program(nn, spec, acts=None, progress=None):
         return {"values": [], "runs": runs}
     values = []
     for chunk in spec["chunks"]:
-        logits = patch_chunk(nn, arch, spec["base_ids"], chunk, acts, spec["base"], src)
+        logits = patch_chunk(nn, arch, spec["base_ids"], chunk, acts, spec["base"], src, masks.get(spec["base"]))
         values.append(metric(spec["metric"], logits, repeat_targets(targets, chunk["n_rows"])))
         if progress is not None:
             progress(1)

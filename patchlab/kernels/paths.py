@@ -14,8 +14,8 @@ slices and ``[row * prompt, pos, d_model]`` otherwise.
 
 import torch
 
-from .common import (at, block, metric, mlp_in_point, module, point, rep, repeat_targets, skip_value, stop_for_gap,
-                     unview, view, with_clean_logprobs)
+from .common import (at, block, clear_padding, metric, mlp_in_point, module, padding, point, rep, repeat_targets,
+                     skip_value, stop_for_gap, unview, view, with_clean_logprobs)
 from .patching import cache_runs
 
 
@@ -46,8 +46,15 @@ def _skip(nn, arch, acts, base, n_rows, layers, entering):
             block(nn, arch, layer).skip(value)
 
 
+def _cleared(nn, arch, layer, real):
+    """Clear block `layer`'s input at left padding (`clear_padding`; `real`: ``[batch, pos]`` or None)."""
+    if real is not None:
+        blk = block(nn, arch, layer)
+        blk.input = clear_padding(blk.input, real)
+
+
 def record(nn, arch, ids, acts, base, n_rows, start, receivers, freeze_mlps, senders=None, previous=None,
-           live=None):
+           live=None, mask=None):
     """One recording pass over `n_rows` copies of the base run (``ids``: ``[prompt, pos]``); returns the
     `receivers`' inputs ``{receiver: tensor}``.
 
@@ -56,15 +63,19 @@ def record(nn, arch, ids, acts, base, n_rows, start, receivers, freeze_mlps, sen
     ``[row * prompt, layer]`` bool) take run `source`'s values; with `previous` (later hops), those
     recorded inputs are patched in and the heads of ``live`` (``[layer, head]`` bool) compute their
     outputs from them. MLPs are recomputed, or frozen to the base run with `freeze_mlps`. Blocks
-    before `start` and after the last receiver are skipped.
+    before `start` and after the last receiver are skipped. `mask` (``[prompt, pos]``, True on real
+    tokens) marks left padding: the pass gets its attention mask and position ids, and every block
+    input is cleared there.
     """
     n_layers = arch["n_layers"]
     previous = previous or {}
     last = max(r[1] for r in receivers)
     store = {}
-    with torch.no_grad(), nn.trace(ids.repeat(n_rows, 1), logits_to_keep=1):
+    real = None if mask is None else mask.repeat(n_rows, 1)
+    with torch.no_grad(), nn.trace(ids.repeat(n_rows, 1), logits_to_keep=1, **padding(real)):
         _skip(nn, arch, acts, base, n_rows, range(start), start)
         for layer in range(start, min(last + 1, n_layers)):
+            _cleared(nn, arch, layer, real)
             patches, reads = _heads_by_point(arch, previous, layer), _heads_by_point(arch, receivers, layer)
             for pt in sorted(set(patches) | set(reads), key=lambda p: p[3]):
                 envoy = at(nn, arch, pt)
@@ -113,14 +124,17 @@ def _set_mlp(nn, arch, acts, base, n_rows, layer, senders, freeze_mlps):
                              rep(acts[(source, "mlp_out", layer)], n_rows).to(other.device), other)
 
 
-def replay(nn, arch, ids, acts, base, n_rows, start, recorded):
+def replay(nn, arch, ids, acts, base, n_rows, start, recorded, mask=None):
     """Pass 2: `n_rows` copies of the base run with only the `recorded` receiver inputs patched in,
-    blocks before `start` skipped. Returns the final position's logits, ``[row * prompt, vocab]``."""
+    blocks before `start` skipped (`mask`: as in `record`). Returns the final position's logits,
+    ``[row * prompt, vocab]``."""
     n_layers = arch["n_layers"]
     final = ("logits", n_layers, None)
-    with torch.no_grad(), nn.trace(ids.repeat(n_rows, 1), logits_to_keep=1):
+    real = None if mask is None else mask.repeat(n_rows, 1)
+    with torch.no_grad(), nn.trace(ids.repeat(n_rows, 1), logits_to_keep=1, **padding(real)):
         _skip(nn, arch, acts, base, n_rows, range(min(start, n_layers)), min(start, n_layers - 1))
         for layer in range(start, n_layers):
+            _cleared(nn, arch, layer, real)
             patches = _heads_by_point(arch, recorded, layer)
             for pt in sorted(patches, key=lambda p: p[3]):
                 envoy = at(nn, arch, pt)
@@ -137,13 +151,14 @@ def path_chunk(nn, spec, acts, chunk):
     """Pass 1 (and the hops) once for a chunk of rows, then pass 2 per receiver set.
     Returns each set's final-position logits, ``[set][row * prompt, vocab]``."""
     arch, ids, base, n_rows = spec["arch"], spec["base_ids"], spec["base"], chunk["n_rows"]
+    mask = (spec.get("masks") or {}).get(base)
     first, *hops = spec["stages"]
     recorded = record(nn, arch, ids, acts, base, n_rows, chunk["start"], first["receivers"], spec["freeze_mlps"],
-                      senders=(spec["source"], chunk["heads"], chunk["mlps"]))
+                      senders=(spec["source"], chunk["heads"], chunk["mlps"]), mask=mask)
     for hop in hops:
         recorded = record(nn, arch, ids, acts, base, n_rows, hop["start"], hop["receivers"], spec["freeze_mlps"],
-                          previous=recorded, live=hop["live"])
-    return [replay(nn, arch, ids, acts, base, n_rows, rs["start"], {r: recorded[r] for r in rs["receivers"]})
+                          previous=recorded, live=hop["live"], mask=mask)
+    return [replay(nn, arch, ids, acts, base, n_rows, rs["start"], {r: recorded[r] for r in rs["receivers"]}, mask)
             for rs in spec["receiver_sets"]]
 
 
@@ -154,7 +169,7 @@ def path_program(nn, spec, progress=None, acts=None):
     `spec`: ``arch``, ``runs`` (see `patchlab.kernels.patching.cache_runs`), ``base``/``source``
     run names, ``base_ids`` (``[prompt, pos]``), ``metric`` (name), ``targets`` (``correct``,
     ``incorrect``: ``[prompt]``), ``kl_from`` (run whose logits are the KL reference),
-    ``freeze_mlps``, ``stages`` (pass 1 then each hop: ``{"receivers", "start", "live"}``; the
+    ``masks`` (``{run: [prompt, pos]}``, True on real tokens of left-padded prompts, or None), ``freeze_mlps``, ``stages`` (pass 1 then each hop: ``{"receivers", "start", "live"}``; the
     last stage's receivers are those of every set; hop ``start``/``live`` as in `record`),
     ``receiver_sets`` (``[{"receivers", "start"}]``) and ``chunks`` (``[{"n_rows", "start",
     "heads", "mlps"}]``, the senders as in `record`). ``gap`` (optional): two run
