@@ -127,7 +127,8 @@ def acdc(model: PatchModel, dataset: PromptPairDataset, *, tau: float = 0.01, me
     bar.close()
     values = np.asarray([scores.get(e.label, 0.0) for e in every])
     evaluated = np.asarray([e.label in scores for e in every], dtype=np.int8)
-    attrs = score_attrs(model, dataset, start, method="acdc", seed=seed, **tokens.pad_attrs(), tau=tau, per_position=int(per_position),
+    attrs = score_attrs(model, dataset, start, method="acdc", seed=seed, **tokens.pad_attrs(), tau=tau,
+                        per_position=int(per_position),
                         abs_threshold=int(abs_threshold),
                         n_candidates=len(allowed), n_evaluated=int(evaluated.sum()), metric_final=state["current"],
                         ablation="resample", level="edge")

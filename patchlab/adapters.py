@@ -76,6 +76,13 @@ class Adapter:
     ``qkv`` names a fused projection with layout ``"split3"`` ([q | k | v] along
     the last dim, GPT-2) or ``"per_head"`` (per head [q | k | v], GPT-NeoX);
     otherwise ``q``, ``k``, ``v`` name separate projections.
+
+    ``positions`` says how the family encodes token positions, and so how left-padded prompts
+    run (`patchlab.kernels.common.padding`): ``"learned"`` absolute embeddings (GPT-2, GPT-Neo)
+    are looked up by the position ids, which these models do not derive from the attention mask
+    (nnsight issue 672), so every pass gives them explicitly; ``"rotary"`` embeddings (GPT-NeoX,
+    Llama, Gemma) rotate q and k by the same explicit position ids. Either way a prompt's first
+    real token is position 0, as when it runs alone.
     """
 
     family: str
@@ -94,6 +101,7 @@ class Adapter:
     qkv_layout: str | None = None
     parallel_residual_attr: str | None = None
     post_norms: bool = False  # attention and MLP outputs pass an RMSNorm (1 + w) before the residual (Gemma)
+    positions: str = "rotary"  # "learned" absolute position embeddings or "rotary" (see the class docstring)
 
     # ---- layout ---------------------------------------------------------
     def layout(self, config) -> Layout:
@@ -201,11 +209,12 @@ _LLAMA_ATTN = dict(q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_pr
 ADAPTERS: tuple[Adapter, ...] = (
     Adapter(family="gpt2", model_types=("gpt2",), blocks="transformer.h",
             qkv="attn.c_attn", qkv_layout="split3", o_proj="attn.c_proj",
-            attn_out="attn", mlp_out="mlp", mid_norm="ln_2", attn_norm="ln_1", final_norm="transformer.ln_f"),
+            attn_out="attn", mlp_out="mlp", mid_norm="ln_2", attn_norm="ln_1", final_norm="transformer.ln_f",
+            positions="learned"),
     Adapter(family="gpt_neo", model_types=("gpt_neo",), blocks="transformer.h",
             q="attn.attention.q_proj", k="attn.attention.k_proj", v="attn.attention.v_proj",
             o_proj="attn.attention.out_proj", attn_out="attn", mlp_out="mlp", mid_norm="ln_2",
-            attn_norm="ln_1", final_norm="transformer.ln_f"),
+            attn_norm="ln_1", final_norm="transformer.ln_f", positions="learned"),
     Adapter(family="gpt_neox", model_types=("gpt_neox",), blocks="gpt_neox.layers",
             qkv="attention.query_key_value", qkv_layout="per_head", o_proj="attention.dense",
             attn_out="attention", mlp_out="mlp", mid_norm="post_attention_layernorm",

@@ -110,7 +110,8 @@ def _attribute(model, dataset, *, steps, method, metric, direction, per_position
     check_gap(result["runs"]["clean"], result["runs"]["corrupted"], metric)
     runs = SimpleNamespace(metric=metric, direction=direction,
                            baselines={name: value.cpu() for name, value in result["runs"].items()})
-    attrs = score_attrs(model, dataset, runs, method=method, seed=seed, **tokens.pad_attrs(), per_position=int(per_position),
+    attrs = score_attrs(model, dataset, runs, method=method, seed=seed, **tokens.pad_attrs(),
+                        per_position=int(per_position),
                         **({"ig_steps": steps} if method == "eap_ig" else {}))
     return edge_scores(list(graph.edges()), result["values"].cpu().double().numpy(), graph=graph, attrs=attrs)
 

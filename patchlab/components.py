@@ -13,8 +13,9 @@ Dimension vocabulary used across patchlab results:
   ``v`` sites of grouped-query models, key/value heads).
 - ``pattern``'s values are ``[query pos, head, key pos]`` per prompt: ``pos`` addresses query positions.
 - ``pos``: token position, 0-based from the left of the prompt. A `Component` may also name
-  positions symbolically, resolved against a dataset when it runs (`Component.resolve`): a
-  dataset's position name (``"S2"``) or an offset from the end (``-1`` is the last token).
+  positions symbolically: a dataset's position name (``"S2"``) or an offset from the end (``-1``
+  is the last token). They resolve per prompt when the component runs (`patchlab.positions`:
+  with prompts of different lengths, an index counts from each prompt's start).
 - ``prompt``: index of the prompt pair in the dataset.
 - ``component``: a `Component` label, for sweeps over arbitrary component lists.
 """
@@ -116,8 +117,9 @@ class Component:
             `Site.HEAD`); must be None for the others.
         pos: the token positions covered: one position or an iterable of them, or None
             for all positions. A position is an index from the left (``0``), an offset from
-            the end (``-1``: the last token), or a position name of the dataset (``"S2"``);
-            the last two are resolved per dataset by `resolve`. Stored as a sorted tuple (or None).
+            the end (``-1``: the last token), or a position name of the dataset (``"S2"``),
+            resolved per prompt when the component runs (`patchlab.positions`; `resolve` for one
+            shared length). Stored as a sorted tuple (or None).
 
     Raises:
         ValueError: an unknown site (the message lists the sites), a negative

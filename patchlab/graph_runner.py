@@ -99,7 +99,8 @@ def local_graph_cache(model: PatchModel, tokens: TokenizedPairs, remote=None) ->
     """
     if resolve_remote(remote, model.remote) is not None:
         return None
-    return execute(model, kpatching.cache_runs, model.arch(), pass_specs([run_pair(tokens)], graph_cache_sites(model)), remote=False)
+    return execute(model, kpatching.cache_runs, model.arch(), pass_specs([run_pair(tokens)], graph_cache_sites(model)),
+                   remote=False)
 
 
 def edge_patch_rows(model: PatchModel, graph: Graph, *, tokens: TokenizedPairs, rows: Sequence[Sequence[Edge]],

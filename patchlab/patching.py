@@ -311,7 +311,8 @@ def _run(model: PatchModel, tokens: TokenizedPairs, rows: list[tuple[Component, 
     result = run_rows(model, passes=[run_pair(tokens)], base=base,
                       base_ids=tokens.corrupted_ids if base == "corrupted" else tokens.clean_ids,
                       rows=[tuple(Patch(c, source=source) for c in row) for row in rows], metric=metric,
-                      targets=pair_targets(tokens), positions=tokens.run_positions(), memory_mb=memory_mb, progress=progress,
+                      targets=pair_targets(tokens), positions=tokens.run_positions(), memory_mb=memory_mb,
+                      progress=progress,
                       remote=remote, gap=("clean", "corrupted"))
     return result.values, {"metric": metric, "direction": direction, **result.runs}
 

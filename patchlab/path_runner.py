@@ -101,7 +101,8 @@ def path_patch_rows(model: PatchModel, *, passes: Sequence[CachePass], base: str
     starts = [min((s.layer for s in row), default=first_receiver) for row in rows]
     chunks = chunk_rows(starts, rows_per_chunk(model, n_prompts, n_pos, memory_mb))
     spec = {"arch": model.arch(), "runs": pass_specs(passes, path_cache_sites(model)), "base": base, "source": source,
-            "masks": run_masks(passes), "base_ids": base_ids, "metric": metric.spec, "kl_from": kl_from, "freeze_mlps": freeze_mlps, "gap": gap,
+            "masks": run_masks(passes), "base_ids": base_ids, "metric": metric.spec, "kl_from": kl_from,
+            "freeze_mlps": freeze_mlps, "gap": gap,
             "targets": {"correct": targets.correct, "incorrect": targets.incorrect},
             "stages": _stages(model, stages),
             "receiver_sets": [{"receivers": _receivers(model, rs), "start": min(_layer(model, n) for n, _ in rs)}

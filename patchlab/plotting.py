@@ -216,7 +216,7 @@ def _plot_layer_head_per_pos(ds: xr.Dataset, var: str, *, title: str | None) -> 
             _heatmap(ax, da_all.isel(pos=i), xlabels=[str(h) for h in da_all["head"].values],
                      xlabel="head", vmax=vmax, cbar=last,
                      cbar_label=_colorbar_label(ds, var, n_prompts), rotate=False)
-            ax.set_title(f"pos {int(ds['pos'].values[i])}: {label}")
+            ax.set_title(f"pos {ds['pos'].values[i]}: {label}")
             if k:
                 ax.set_ylabel("")
         fig.suptitle(default_title(ds) if title is None else title)

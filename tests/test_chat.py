@@ -29,7 +29,8 @@ def test_positions_name_the_last_instruction_token_and_the_template_after_it(tok
     ds = pl.chat_pairs(tok, ["w20 w21 w22", "w23"], ["w30", "w31 w32"], correct=" w40", incorrect=" w41",
                        system="w50 w51")
     first = ds[0]
-    assert words(tok, first.clean) == ["w1", "w9", "w50", "w51", "w2", "w1", "w8", "w20", "w21", "w22", "w2", "w3", "w4"]
+    assert words(tok, first.clean) == ["w1", "w9", "w50", "w51", "w2", "w1", "w8", "w20", "w21", "w22", "w2", "w3",
+                                       "w4"]
     assert dict(first.positions) == {"last_instruction": 9, "post_instruction_0": 10, "post_instruction_1": 11,
                                      "post_instruction_2": 12}
     assert first.corrupted_positions["last_instruction"] == 7 and first.corrupted_positions["post_instruction_2"] == 10

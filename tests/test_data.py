@@ -235,7 +235,8 @@ def test_tokenize_left_pads_prompts_of_different_lengths(tok):
     vocab = tok.get_vocab()
     assert tp.n_pos == 15 and tp.padded
     for i, p in enumerate((pair(), longer, uneven)):
-        for ids, mask, text in ((tp.clean_ids, tp.clean_mask, p.clean), (tp.corrupted_ids, tp.corrupted_mask, p.corrupted)):
+        for ids, mask, text in ((tp.clean_ids, tp.clean_mask, p.clean),
+                                (tp.corrupted_ids, tp.corrupted_mask, p.corrupted)):
             words = text.replace(",", " ,").split()
             assert mask[i].tolist() == [False] * (15 - len(words)) + [True] * len(words)
             assert ids[i, 15 - len(words):].tolist() == [vocab[w] for w in words]

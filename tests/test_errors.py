@@ -211,7 +211,9 @@ def test_the_runner_refuses_components_the_model_does_not_have(model, dataset):
                   metric=Metric.LOGIT_DIFF, targets=targets, progress=False)
     for comp, match in [(pl.Component(site="mlp_out", layer=40), r"layer of L40.mlp_out.*0\.\.2"),
                         (pl.Component(site="k", layer=1, head=3), r"head of L1H3.k \(k\).*0\.\.1"),
-                        (pl.Component(site="resid_pre", layer=1, pos=9), r"L1.resid_pre@9.*position 9 is beyond corrupted prompt 0, which has 6 tokens \(indices 0\.\.5\)")]:
+                        (pl.Component(site="resid_pre", layer=1, pos=9),
+                         r"L1.resid_pre@9.*position 9 is beyond corrupted prompt 0, which has 6 tokens "
+                         r"\(indices 0\.\.5\)")]:
         with pytest.raises(ValueError, match=match):
             patch_rows(model, rows=[(comp,)], **common)
 

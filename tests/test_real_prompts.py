@@ -41,14 +41,23 @@ def mixed_pairs(vocab: int, seed: int = 0) -> pl.PromptPairDataset:
     return pl.PromptPairDataset(pairs=pairs, name="mixed")
 
 
+def prompts_alone(tokens) -> dict[str, list[torch.Tensor]]:
+    """Each run's prompts without their padding, ``{run: [[1, pos] per prompt]}``."""
+    return {run: [ids[mask][None] for ids, mask in zip(getattr(tokens, f"{run}_ids"), getattr(tokens, f"{run}_mask"))]
+            for run in ("clean", "corrupted")}
+
+
+def loaded(family: str, make) -> tuple:
+    """A tiny model of `family`, a dataset `make(vocab)`, its tokens and its prompts alone."""
+    model = tiny_patch_model(family)
+    dataset = make(model.hf.config.vocab_size)
+    tokens = dataset.tokenize(model.tokenizer)
+    return model, dataset, tokens, prompts_alone(tokens)
+
+
 @pytest.fixture(scope="module", params=ALL_FAMILIES)
 def setup(request):
-    model = tiny_patch_model(request.param)
-    dataset = mixed_pairs(model.hf.config.vocab_size)
-    tokens = dataset.tokenize(model.tokenizer)
-    alone = {run: [ids[mask][None] for ids, mask in zip(getattr(tokens, f"{run}_ids"), getattr(tokens, f"{run}_mask"))]
-             for run in ("clean", "corrupted")}
-    return model, dataset, tokens, alone
+    return loaded(request.param, mixed_pairs)
 
 
 def own(tokens, run: str, p: int, position) -> int:
@@ -217,12 +226,7 @@ def paired_pairs(vocab: int, seed: int = 1) -> pl.PromptPairDataset:
 
 @pytest.fixture(scope="module", params=ALL_FAMILIES)
 def paired(request):
-    model = tiny_patch_model(request.param)
-    dataset = paired_pairs(model.hf.config.vocab_size)
-    tokens = dataset.tokenize(model.tokenizer)
-    alone = {run: [ids[mask][None] for ids, mask in zip(getattr(tokens, f"{run}_ids"), getattr(tokens, f"{run}_mask"))]
-             for run in ("clean", "corrupted")}
-    return model, dataset, tokens, alone
+    return loaded(request.param, paired_pairs)
 
 
 def reference_edges(model, tokens, alone, edge_sets, direction):
@@ -363,3 +367,23 @@ def test_exact_scores_acdc_and_circuit_evaluation_take_padded_prompts(paired):
     assert evaluated["metric"].values.mean() == pytest.approx(found.scores.attrs["metric_final"], abs=1e-9)
     mean = pl.evaluate_circuits(model, dataset, [pl.Circuit.top_k(scores, 2)], ablation="mean", progress=False)
     assert np.isfinite(mean["faithfulness"].values).all() and mean.attrs["padding"] == "left"
+
+
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_each_adapter_states_its_position_encoding(family):
+    """Learned absolute position embeddings exist exactly where the adapter says so (a module
+    named ``wpe``); the others are rotary (a ``rotary_emb`` module)."""
+    model = tiny_patch_model(family)
+    names = [name.rsplit(".", 1)[-1] for name, _ in model.hf.named_modules()]
+    assert model.adapter.positions == ("learned" if "wpe" in names else "rotary")
+    assert ("wpe" in names) != any("rotary" in n for n in names)
+
+
+def test_a_tokenizer_without_a_pad_token_pads_with_eos():
+    from .tiny_models import tiny_tokenizer
+    tok = tiny_tokenizer()
+    tok.pad_token = None
+    dataset = mixed_pairs(64)
+    tokens = dataset.tokenize(tok)
+    assert tokens.pad_token_id == tok.eos_token_id and tokens.pad_token == "EOS (no pad token)"
+    assert (tokens.clean_ids[~tokens.clean_mask] == tok.eos_token_id).all()

@@ -124,6 +124,28 @@ def test_interventions_are_one_request_and_equal_local(models, server, family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_prompts_of_different_lengths_travel_with_their_masks(models, server, family):
+    """Left-padded prompts (pairs of 5, 8 and 11 tokens, corrupted prompts of other lengths, names at
+    other indices per pair): the masks and position maps travel in the request; still one request
+    per sweep, equal to local."""
+    from .test_real_prompts import mixed_pairs, paired_pairs
+    model = models[family]
+    mixed, paired = mixed_pairs(model.layout.vocab_size), paired_pairs(model.layout.vocab_size)
+    C = pl.Component
+    rows = {"by name": [pl.Patch(C(site="resid_pre", layer=1, pos="X"))],
+            "mean": [pl.Ablate(C(site="mlp_out", layer=0, pos=["X", -1]), how="mean")]}
+    for call in (lambda **kw: pl.patch_layer_pos(model, mixed, positions=["X", -2, -1], progress=False, **kw),
+                 lambda **kw: pl.sweep_interventions(model, mixed, rows, progress=False, **kw),
+                 lambda **kw: pl.patch_edges(model, paired, [[next(iter(pl.Graph.from_model(model).edges()))]],
+                                             progress=False, **kw),
+                 lambda **kw: pl.path_patch_heads(model, paired, progress=False, **kw),
+                 lambda **kw: pl.eap(model, paired, per_position=True, **kw)):
+        server.reset()
+        assert_same_results(call(), call(remote=server.url))
+        assert len(requests(server)) == 1
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_attribution_is_one_request_and_equals_local(models, server, family):
     model, data = models[family], pairs(models[family])
     for method in (lambda **kw: pl.eap(model, data, **kw), lambda **kw: pl.eap_ig(model, data, steps=3, **kw)):

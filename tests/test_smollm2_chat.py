@@ -14,7 +14,7 @@ import torch
 import patchlab as pl
 
 from .precision import EXACT
-from .test_real_prompts import reference
+from .test_real_prompts import prompts_alone, reference
 
 pytestmark = pytest.mark.slow
 
@@ -24,11 +24,10 @@ HARMLESS = ["How do I make a cake at home for my daughter's birthday?", "Write a
 
 @pytest.fixture(scope="module")
 def chat(smollm2_f64):
-    dataset = pl.chat_pairs(smollm2_f64.tokenizer, HARMFUL, HARMLESS, correct=("I", "Sorry"), incorrect=("Sure", "Here"))
+    dataset = pl.chat_pairs(smollm2_f64.tokenizer, HARMFUL, HARMLESS, correct=("I", "Sorry"),
+                            incorrect=("Sure", "Here"))
     tokens = dataset.tokenize(smollm2_f64.tokenizer)
-    alone = {run: [ids[mask][None] for ids, mask in zip(getattr(tokens, f"{run}_ids"), getattr(tokens, f"{run}_mask"))]
-             for run in ("clean", "corrupted")}
-    return smollm2_f64, dataset, tokens, alone
+    return smollm2_f64, dataset, tokens, prompts_alone(tokens)
 
 
 def test_chat_pairs_name_the_template_positions(chat):
@@ -56,7 +55,8 @@ def test_chat_sweep_by_name_and_from_the_end_equals_each_prompt_alone(chat):
     mean = [[pl.Ablate(pl.Component(site="mlp_out", layer=10, pos=["last_instruction", "post_instruction_0"]),
                        how="mean")]]
     got = pl.sweep_interventions(model, dataset, mean, progress=False)
-    assert torch.allclose(torch.from_numpy(got.patched.values), reference(model, tokens, alone, mean), atol=EXACT, rtol=0)
+    expected = reference(model, tokens, alone, mean)
+    assert torch.allclose(torch.from_numpy(got.patched.values), expected, atol=EXACT, rtol=0)
 
 
 def test_the_final_residual_at_the_last_token_restores_the_clean_metric(chat):

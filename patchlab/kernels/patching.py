@@ -185,7 +185,8 @@ def source_value(acts, src, site, layer, n_rows, like, masks=None):
     if index is None:
         return value
     index = index.to(like.device)
-    index = index.reshape(index.shape + (1,) * (value.dim() - index.dim())).expand(*index.shape, *value.shape[index.dim():])
+    trailing = value.shape[index.dim():]
+    index = index.reshape(index.shape + (1,) * len(trailing)).expand(*index.shape, *trailing)
     return value.gather(1, index)
 
 

@@ -169,8 +169,9 @@ def path_program(nn, spec, progress=None, acts=None):
     `spec`: ``arch``, ``runs`` (see `patchlab.kernels.patching.cache_runs`), ``base``/``source``
     run names, ``base_ids`` (``[prompt, pos]``), ``metric`` (name), ``targets`` (``correct``,
     ``incorrect``: ``[prompt]``), ``kl_from`` (run whose logits are the KL reference),
-    ``masks`` (``{run: [prompt, pos]}``, True on real tokens of left-padded prompts, or None), ``freeze_mlps``, ``stages`` (pass 1 then each hop: ``{"receivers", "start", "live"}``; the
-    last stage's receivers are those of every set; hop ``start``/``live`` as in `record`),
+    ``masks`` (``{run: [prompt, pos]}``, True on real tokens of left-padded prompts, or None),
+    ``freeze_mlps``, ``stages`` (pass 1 then each hop: ``{"receivers", "start", "live"}``; the last
+    stage's receivers are those of every set; hop ``start``/``live`` as in `record`),
     ``receiver_sets`` (``[{"receivers", "start"}]``) and ``chunks`` (``[{"n_rows", "start",
     "heads", "mlps"}]``, the senders as in `record`). ``gap`` (optional): two run
     names; when their metrics leave no gap to normalise by (`stop_for_gap`), the program returns
