@@ -4,13 +4,14 @@ Harmful against harmless instructions (``../shared/data/refusal/*_test.json``) i
 template (`pl.chat_pairs`), a layer x position sweep at the post-instruction positions. Timed side by
 side in one run:
 
-1. padded: the whole dataset as one left-padded batch (what patchlab does);
-2. by length: the same pairs split into `--buckets` groups of similar length (sorted by length), each
-   its own sweep, so each batch is padded to its group's longest prompt only: the most that sorting
-   prompts into length-bucketed chunks could save (at the price of more forward passes);
-3. matched: `match_lengths=True` pairs of equal lengths, for reference.
+1. one batch: the whole dataset as one left-padded batch (`patchlab.runner.MAX_BUCKETS = 1`);
+2. length groups: what patchlab does by default: each chunk of rows runs one pass per group of
+   similar length (`patchlab.runner.length_buckets`), padded to its group's longest prompt only;
+3. separate sweeps: the pairs split by hand into `--buckets` datasets of similar length, each its own
+   sweep (for comparison: the same saving, but every sweep caches its runs again);
+4. matched: `match_lengths=True` pairs of equal lengths, for reference.
 
-Prints the padded-token fraction (padding / all tokens of the batch) and the seconds. Not a test:
+Prints the padded-token fraction (padding / all tokens the patched passes compute) and the seconds. Not a test:
 compare the ratios of one run.
 
     python bench/bench_padding.py [--pairs 16] [--buckets 4]
@@ -24,6 +25,7 @@ import time
 from pathlib import Path
 
 import patchlab as pl
+import patchlab.runner as runner
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "refusal"
 
@@ -33,8 +35,8 @@ def instructions(name: str, n: int) -> list[str]:
 
 
 def padded_fraction(tokens) -> float:
-    real = int(tokens.clean_mask.sum() + tokens.corrupted_mask.sum())
-    return 1 - real / (2 * tokens.clean_mask.numel())
+    """Padding's share of the tokens the patched passes compute (they run the corrupted prompts)."""
+    return 1 - int(tokens.corrupted_mask.sum()) / tokens.corrupted_mask.numel()
 
 
 def sweep(model, dataset):
@@ -54,7 +56,7 @@ def main() -> None:
     dataset = pl.chat_pairs(model.tokenizer, instructions("harmful", args.pairs), instructions("harmless", args.pairs),
                             **answers)
     tokens = dataset.tokenize(model.tokenizer)
-    lengths = (tokens.clean_mask.sum(1) + tokens.corrupted_mask.sum(1)).tolist()
+    lengths = tokens.corrupted_mask.sum(1).tolist()
     order = sorted(range(len(dataset)), key=lambda i: lengths[i])
     size = -(-len(order) // args.buckets)
     buckets = [pl.PromptPairDataset(pairs=[dataset[i] for i in order[k:k + size]]) for k in range(0, len(order), size)]
@@ -63,13 +65,21 @@ def main() -> None:
                          instructions("harmless", 600), match_lengths=True, **answers)
 
     sweep(model, buckets[0])  # warm up
+    groups = runner.length_buckets(tokens.corrupted_mask.sum(1), tokens.n_pos)
+    group_tokens = sum(len(g) * (tokens.n_pos - col) for g, col in groups) if groups else tokens.corrupted_mask.numel()
+    default, runner.MAX_BUCKETS = runner.MAX_BUCKETS, 1
     padded = sweep(model, dataset)
+    runner.MAX_BUCKETS = default
+    grouped = sweep(model, dataset)
     by_length = sum(sweep(model, b) for b in buckets)
     matched = sweep(model, pool)
     print(f"{len(dataset)} pairs, {min(tokens.clean_mask.sum(1).tolist() + tokens.corrupted_mask.sum(1).tolist())}"
           f"-{tokens.n_pos} tokens; 10 layers x 7 positions")
-    print(f"padded, one batch:        padded-token fraction {padded_fraction(tokens):.2f}  {padded:6.1f} s")
-    print(f"by length, {len(buckets)} buckets:     padded-token fraction {bucket_fraction:.2f}  {by_length:6.1f} s "
+    real = int(tokens.corrupted_mask.sum())
+    print(f"one batch:                padded-token fraction {padded_fraction(tokens):.2f}  {padded:6.1f} s")
+    print(f"length groups ({len(groups or [0])}, default): padded-token fraction {1 - real / group_tokens:.2f}  "
+          f"{grouped:6.1f} s ({grouped / padded:.2f}x)")
+    print(f"separate sweeps ({len(buckets)}):     padded-token fraction {bucket_fraction:.2f}  {by_length:6.1f} s "
           f"({by_length / padded:.2f}x)")
     matched_tokens = pool.tokenize(model.tokenizer)
     print(f"match_lengths ({len(pool)} pairs): padded-token fraction {padded_fraction(matched_tokens):.2f}  "

@@ -36,7 +36,7 @@ from .models import PatchModel
 from .positions import ALIGNMENT_HELP, PromptPositions, RunPositions
 from .remote import execute, resolve_remote, send_by_value
 
-__all__ = ["CachePass", "PatchResult", "run_rows", "patch_rows", "derangement", "rows_per_chunk",
+__all__ = ["CachePass", "PatchResult", "run_rows", "patch_rows", "derangement", "length_buckets", "rows_per_chunk",
            "chunk_rows", "chunk_progress", "pass_specs", "run_masks",
            "gather_chunks", "check_range", "check_components", "checked_gap"]
 
@@ -71,7 +71,7 @@ def run_rows(model: PatchModel, *, passes: Sequence[CachePass], base: str, base_
              rows: Sequence[Sequence[Intervention]], metric: Metric | MetricFunction, targets: Targets,
              positions: PromptPositions | None = None, kl_from: str = "clean", base_embeds: bool = False,
              max_rows: int | None = None, memory_mb: float = 1024, progress: bool = True, remote=None,
-             gap: tuple[str, str] | None = None) -> PatchResult:
+             gap: tuple[str, str] | None = None, length_groups: bool = True) -> PatchResult:
     """Metric of the base run with each row's joint set of interventions applied: the engine
     every node-level sweep builds rows for.
 
@@ -86,7 +86,7 @@ def run_rows(model: PatchModel, *, passes: Sequence[CachePass], base: str, base_
         rows: one joint set of `patchlab.interventions.Intervention` values per row.
         positions: each run's prompt lengths and named positions (`patchlab.positions`), for left-padded
             prompts and components that give positions by name (``pos="S2"``) or from the end; None:
-            every prompt of every run has ``base_ids``' length and no names.
+            no names, and the lengths the passes' masks give (no mask: ``base_ids``' length).
         metric: evaluated on the final position's logits; `targets` per prompt
             (``[prompt]``); KL compares with run `kl_from`.
         max_rows / memory_mb: chunk size: at most `max_rows` rows per forward pass,
@@ -96,6 +96,8 @@ def run_rows(model: PatchModel, *, passes: Sequence[CachePass], base: str, base_
         remote: see `patchlab.remote` (None: the model's default).
         gap: two runs whose metric gap the caller normalises by (e.g. ``("clean", "corrupted")``);
             the program stops before its sweep if it is too small (`patchlab.metrics.check_gap`).
+        length_groups: run left-padded prompts of different lengths in groups of similar length
+            where that saves padded compute (`length_buckets`); False: one pass over the whole batch.
 
     Returns:
         `PatchResult`: ``values`` ``[row, prompt]`` and each run's metric.
@@ -109,8 +111,10 @@ def run_rows(model: PatchModel, *, passes: Sequence[CachePass], base: str, base_
     """
     n_prompts, n_pos = base_ids.shape
     run_names = {name for p in passes for name in p.names}
-    if positions is None:
-        positions = PromptPositions.uniform(sorted(run_names | {base}), n_prompts, n_pos)
+    masks = run_masks(passes)
+    if positions is None:  # no names; lengths from the passes' masks
+        positions = PromptPositions.uniform(sorted(run_names | {base}), n_prompts, n_pos) if masks is None else \
+            PromptPositions(runs={name: RunPositions(lengths=m.sum(1), width=n_pos, names={}) for name, m in masks.items()})
     rows = [joint_set(row) for row in rows]
     check_components(model, dict.fromkeys(i.component for row in rows for i in row))
     for row in rows:
@@ -129,11 +133,11 @@ def run_rows(model: PatchModel, *, passes: Sequence[CachePass], base: str, base_
     chunks = chunk_rows(starts, limit)
     sites = {(Site.RESID_PRE, layer) for layer in set(starts) | {0}} | \
         {(i.component.site, i.component.layer) for row in rows for i in row if _source(i, base)}
-    masks = run_masks(passes)
     spec = {"arch": model.arch(), "base": base, "base_ids": base_ids,
             "base_embeds": base_embeds, "metric": metric.spec, "kl_from": kl_from, "gap": gap,
             "targets": {"correct": targets.correct, "incorrect": targets.incorrect},
             "runs": pass_specs(passes, sites), "base_mask": None if masks is None else masks[base], "masks": masks,
+            "groups": length_buckets(positions[base].lengths, n_pos) if length_groups else None,
             "chunks": [{"start": starts[chunk[0]], "n_rows": len(chunk),
                         "writes": _plan_writes(model, [rows[r] for r in chunk], n_prompts, positions, base)}
                        for chunk in chunks]}
@@ -211,6 +215,46 @@ def derangement(n: int, seed: int) -> torch.Tensor:
         perm = torch.randperm(n, generator=generator)
         if not (perm == torch.arange(n)).any():
             return perm
+
+
+MAX_BUCKETS = 4
+"""At most this many length groups per chunk of rows (`length_buckets`)."""
+PASS_COST = 0.05
+"""The cost of one more forward pass, as a fraction of the whole padded batch's tokens."""
+
+
+def length_buckets(lengths: torch.Tensor, width: int, max_buckets: int | None = None,
+                   pass_cost: float | None = None) -> list[tuple[torch.Tensor, int]] | None:
+    """Prompts of a left-padded batch grouped by length where that saves padded compute:
+    ``[(prompt indices, first column)]``, each group padded only to its own longest prompt (its
+    first column ``width - longest``), or None when one pass is cheapest.
+
+    The prompts are sorted by length and cut into at most `max_buckets` (default `MAX_BUCKETS`) runs
+    that minimise the tokens computed plus `pass_cost` (default `PASS_COST`) times the batch's tokens
+    for every extra pass (dynamic programming, deterministic); `bench/bench_padding.py` measures the
+    saving. Every group computes the same values as the whole batch: only padding is left out.
+    """
+    max_buckets = MAX_BUCKETS if max_buckets is None else max_buckets
+    pass_cost = PASS_COST if pass_cost is None else pass_cost
+    order = sorted(range(len(lengths)), key=lambda p: (int(lengths[p]), p))
+    n = [int(lengths[p]) for p in order]
+    count, penalty = len(n), pass_cost * len(n) * width
+    best = {(0, 0): (0.0, [])}  # (prompts placed, groups used) -> (cost, cut points)
+    for k in range(1, max_buckets + 1):
+        for j in range(1, count + 1):
+            options = [(best[(i, k - 1)][0] + (j - i) * n[j - 1] + (k > 1) * penalty, best[(i, k - 1)][1] + [j])
+                       for i in range(j) if (i, k - 1) in best]
+            if options:
+                best[(j, k)] = min(options, key=lambda o: o[0])
+    cost, cuts = min((best[(count, k)] for k in range(1, max_buckets + 1) if (count, k) in best), key=lambda o: o[0])
+    if len(cuts) == 1:
+        return None
+    groups, start = [], 0
+    for end in cuts:
+        members = sorted(order[start:end])
+        groups.append((torch.tensor(members, dtype=torch.long), width - n[end - 1]))
+        start = end
+    return groups
 
 
 def checked_gap(runs: dict, gap: tuple[str, str] | None, metric: Metric) -> None:

@@ -109,7 +109,10 @@ def reference(model, clean, corrupted, rows, targets) -> torch.Tensor:
     return out
 
 
-def test_padded_mixed_lengths_equal_each_prompt_alone(batch):
+@pytest.mark.parametrize("length_groups", [True, False], ids=["length groups", "one batch"])
+def test_padded_mixed_lengths_equal_each_prompt_alone(batch, length_groups):
+    """Both ways of running the padded batch: one pass per length group (here each prompt its own,
+    `patchlab.runner.length_buckets`), and one pass over the whole batch."""
     model, clean, corrupted, targets = batch
     clean_ids, clean_mask = left_padded(clean)
     corrupted_ids, corrupted_mask = left_padded(corrupted)
@@ -117,7 +120,8 @@ def test_padded_mixed_lengths_equal_each_prompt_alone(batch):
                         mask=torch.cat([clean_mask, corrupted_mask]))]
     rows = rows_for(model)
     result = run_rows(model, passes=passes, base="corrupted", base_ids=corrupted_ids, rows=rows,
-                      metric=Metric.LOGIT_DIFF, targets=targets, progress=False, max_rows=3)
+                      metric=Metric.LOGIT_DIFF, targets=targets, progress=False, max_rows=3,
+                      length_groups=length_groups)
     expected = reference(model, clean, corrupted, rows, targets)
     tol = exact_atol(model, expected, padded=True)
     assert torch.allclose(result.values, expected, atol=tol, rtol=0), (result.values - expected).abs().max()
@@ -127,3 +131,14 @@ def test_padded_mixed_lengths_equal_each_prompt_alone(batch):
                                                        incorrect=targets.incorrect[p:p + 1]))[0]
                              for p, ids in enumerate(seqs)])
         assert torch.allclose(result.runs[run], alone, atol=tol, rtol=0), run
+
+
+def test_length_buckets_cut_where_padding_costs_more_than_a_pass():
+    """Closed forms: the cheapest grouping of sorted lengths, counting a pass as 5% of the batch."""
+    from patchlab.runner import length_buckets
+    groups = length_buckets(torch.tensor([11, 5, 8]), 11)
+    assert [(g.tolist(), col) for g, col in groups] == [([1], 6), ([2], 3), ([0], 0)]  # 24 + 2 passes < 33
+    assert length_buckets(torch.tensor([10, 10, 9]), 10) is None  # saving 1 token costs a pass of 1.5
+    assert length_buckets(torch.tensor([7, 7]), 7) is None
+    many = length_buckets(torch.tensor(list(range(1, 21))), 20, max_buckets=2)
+    assert [len(g) for g, _ in many] == [10, 10] and [col for _, col in many] == [10, 0]  # 100 + 200 + 20

@@ -30,9 +30,10 @@ def cache_runs(nn, arch, runs):
     return acts
 
 
-def patch_chunk(nn, arch, ids, n_rows, start, acts, base, writes, base_embeds=False, mask=None, masks=None):
-    """One forward pass of `n_rows` copies of the base run (``ids``: ``[prompt, pos]``), row r
-    intervened on as its plan says. Returns the final position's logits, ``[row * prompt, vocab]``.
+def patch_chunk(nn, arch, ids, n_rows, start, acts, base, writes, base_embeds=False, mask=None, masks=None,
+                groups=None):
+    """`n_rows` copies of the base run (``ids``: ``[prompt, pos]``), row r intervened on as its plan
+    says: one forward pass per length group. Returns the final position's logits, ``[row * prompt, vocab]``.
 
     Args:
         start: blocks ``0..start-1`` are skipped, fed the base run's residual stream.
@@ -43,9 +44,60 @@ def patch_chunk(nn, arch, ids, n_rows, start, acts, base, writes, base_embeds=Fa
         base_embeds: the base run starts from its cached block-0 input, not its tokens'.
         mask: the base run's attention mask (``[prompt, pos]``, True on real tokens) for left-padded
             prompts, or None; `masks`: every run's, for means over real tokens only.
+        groups: for left-padded prompts of different lengths, ``[(prompt indices, first column)]``:
+            each group runs as its own pass over the columns from its first on (its padding to the
+            longest prompt of the whole batch is not computed). None: one pass over everything.
     """
+    n_prompts = ids.shape[0]
+    if not groups:
+        return _patch_pass(nn, arch, ids, n_rows, start, acts, base, writes, base_embeds, mask, masks, None)
+    logits = None
+    for prompts, col in groups:
+        sel = (torch.arange(n_rows)[:, None] * n_prompts + prompts[None, :]).flatten()
+        take = {"prompts": prompts, "sel": sel, "start": int(col)}
+        part = _patch_pass(nn, arch, ids[prompts, col:], n_rows, start, acts, base, _taken_writes(writes, take),
+                           base_embeds, mask[prompts, col:], masks, take)
+        if logits is None:
+            logits = part.new_empty((n_rows * n_prompts,) + tuple(part.shape[1:]))
+        logits[sel.to(part.device)] = part
+    return logits
+
+
+def _taken_writes(writes, take):
+    """`writes` restricted to one length group's batch rows and columns (`patch_chunk`)."""
+    sel, col = take["sel"], take["start"]
+    cut = lambda t: None if t is None else t[sel.to(t.device)][:, col:]  # noqa: E731
+    local = torch.full((int(sel.max()) + 1,), -1, dtype=torch.long)
+    local[sel] = torch.arange(len(sel))
+    out = []
+    for pt, entries in writes:
+        kept = []
+        for site, layer, ops in entries:
+            at_fns = []
+            for fn, batch, head, pos in ops["at"]:
+                mine = local[batch.clamp(max=len(local) - 1)].masked_fill(batch >= len(local), -1)
+                if bool((mine >= 0).any()):
+                    at_fns.append((fn, mine[mine >= 0], head, pos - col))
+            kept.append((site, layer, {
+                "set": [(cut(m), src if src[0] == "zero" else src[:3] + (cut(src[3]),)) for m, src in ops["set"]],
+                "mul": cut(ops["mul"]), "add": [(cut(c), v) for c, v in ops["add"]], "at": at_fns}))
+        out.append((pt, kept))
+    return out
+
+
+def _base_rows(acts, key, n_rows, take):
+    """The base run's cached `key` for this pass's batch: ``[row * prompt, ...]`` (one group's prompts
+    and columns when `take` says so)."""
+    cached = acts[key]
+    if take is not None:
+        cached = cached[take["prompts"].to(cached.device)][:, take["start"]:]
+    return rep(cached, n_rows)
+
+
+def _patch_pass(nn, arch, ids, n_rows, start, acts, base, writes, base_embeds, mask, masks, take):
+    """One forward pass of `patch_chunk` (over one length group when `take` is given)."""
     batch = ids.repeat(n_rows, 1)
-    skip = skip_value(arch, rep(acts[(base, "resid_pre", start)], n_rows)) if start else None
+    skip = skip_value(arch, _base_rows(acts, (base, "resid_pre", start), n_rows, take)) if start else None
     embed_point = point(arch, "resid_pre", 0)
     if base_embeds and start == 0 and all(pt != embed_point for pt, _ in writes):
         writes = [(embed_point, [])] + list(writes)
@@ -59,14 +111,15 @@ def patch_chunk(nn, arch, ids, n_rows, start, acts, base, writes, base_embeds=Fa
     with torch.no_grad(), nn.trace(batch, logits_to_keep=1, **padded):
         for layer in range(start):
             block(nn, arch, layer).skip(skip)
-        state = {"masks": masks}  # this pass's current values that later interventions read: the block input, v
+        # this pass's current values that later interventions read (the block input, v), and its batch
+        state = {"masks": masks, "take": take}
         for pt, entries in writes:
             envoy = at(nn, arch, pt)
             value = read(envoy, pt[2])
             raw = first(value)
             new = raw
             if base_embeds and pt == embed_point:
-                new = rep(acts[(base, "resid_pre", 0)], n_rows).to(raw.device)
+                new = _base_rows(acts, (base, "resid_pre", 0), n_rows, take).to(raw.device)
             if mask is not None and pt[1] == "" and pt[2] == "input":
                 new = clear_padding(new, mask)
             for site, layer, ops in entries:
@@ -101,7 +154,7 @@ def intervene(arch, site, layer, new, state, ops, acts, n_rows):
     current = state["resid_pre"] + new if site == "resid_mid" else view(arch, site, new)
     target = current
     for mask, src in ops["set"]:
-        value = source_value(acts, src, site, layer, n_rows, current, state.get("masks"))
+        value = source_value(acts, src, site, layer, n_rows, current, state.get("masks"), state.get("take"))
         target = torch.where(mask.to(current.device)[..., None], value, target)
     if ops["mul"] is not None:
         target = target * ops["mul"].to(current.device, current.dtype)[..., None]
@@ -127,7 +180,7 @@ def weighed_heads(arch, z, state, ops, acts, layer, n_rows):
         if src[0] == "zero":
             value = torch.zeros_like(z)
         else:
-            pattern = source_value(acts, src, "pattern", layer, n_rows, z, state.get("masks"))
+            pattern = source_value(acts, src, "pattern", layer, n_rows, z, state.get("masks"), state.get("take"))
             value = torch.einsum("bqhk,bkhd->bqhd", pattern.to(v.dtype), v)
         target = torch.where(mask.to(z.device)[..., None], value, target)
     if ops["mul"] is not None:
@@ -160,7 +213,7 @@ def grouped_mean(cached, table):
     return (total / keep.sum(1).clamp(min=1).to(cached.dtype))[None]
 
 
-def source_value(acts, src, site, layer, n_rows, like, masks=None):
+def source_value(acts, src, site, layer, n_rows, like, masks=None, take=None):
     """A setting intervention's values for the whole batch (``[row * prompt, ...]``, on `like`'s
     device; zeros shaped as `like`).
 
@@ -168,7 +221,8 @@ def source_value(acts, src, site, layer, n_rows, like, masks=None):
     `perm` (``[prompt]``, or None); ``("mean", name, table, index)``: its mean over prompts per
     position over real tokens (`real_mean`), or per row of `table` (`grouped_mean`). `index`
     (``[row * prompt, pos(, head)]``, or None: each element's own position) is the position (or
-    mean row) each element reads, where the source's tokens sit elsewhere.
+    mean row) each element reads, where the source's tokens sit elsewhere. `take` (one length
+    group of `patch_chunk`, or None): the batch holds those prompts' columns from ``start`` on.
     """
     kind = src[0]
     if kind == "zero":
@@ -176,18 +230,24 @@ def source_value(acts, src, site, layer, n_rows, like, masks=None):
     cached = acts[(src[1], site, layer)].to(like.device)
     if kind == "mean":  # one mean for every row and prompt: a view, not a copy
         table = src[2]
-        mean = real_mean(cached, None if masks is None else masks.get(src[1])) if table is None \
+        value = real_mean(cached, None if masks is None else masks.get(src[1])) if table is None \
             else grouped_mean(cached, table)
-        value = mean.expand(n_rows * cached.shape[0], *mean.shape[1:])
     else:
-        value = rep(cached if src[2] is None else cached[src[2].to(like.device)], n_rows)
+        value = cached if src[2] is None else cached[src[2].to(like.device)]
+        if take is not None:
+            value = value[take["prompts"].to(like.device)]
+    n_batch = like.shape[0]
+    value = value.expand(n_batch, *value.shape[1:]) if kind == "mean" else rep(value, n_rows)
     index = src[3]
     if index is None:
-        return value
-    index = index.to(like.device)
-    trailing = value.shape[index.dim():]
-    index = index.reshape(index.shape + (1,) * len(trailing)).expand(*index.shape, *trailing)
-    return value.gather(1, index)
+        value = value if take is None else value[:, take["start"]:]
+    else:  # the columns (or mean rows) each element reads, in the whole batch's coordinates
+        index = index.to(like.device)
+        trailing = value.shape[index.dim():]
+        value = value.gather(1, index.reshape(index.shape + (1,) * len(trailing)).expand(*index.shape, *trailing))
+    if site == "pattern" and take is not None:  # key positions too
+        value = value[..., take["start"]:]
+    return value
 
 
 def call_at(fn, target, rows, head, pos):
@@ -217,7 +277,7 @@ def patch_program(nn, spec, progress=None):
     ``incorrect``: ``[prompt]``), ``kl_from`` (run whose logits are the KL reference) and
     ``chunks``: ``[{"start", "n_rows", "writes"}]`` (``writes``: see `patch_chunk`). For left-padded
     prompts, ``base_mask`` (``[prompt, pos]``) and ``masks`` (``{run: [prompt, pos]}``), True on real
-    tokens. ``gap`` (optional): two run names; when their metrics leave no gap to normalise by (`stop_for_gap`), the program returns
+    tokens, and ``groups`` (optional, see `patch_chunk`). ``gap`` (optional): two run names; when their metrics leave no gap to normalise by (`stop_for_gap`), the program returns
     before its chunks, with ``values`` empty.
 
     Returns ``{"values": [[row * prompt] per chunk], "runs": {run: metric [prompt]}}``.
@@ -232,7 +292,8 @@ def patch_program(nn, spec, progress=None):
     values = []
     for chunk in spec["chunks"]:
         logits = patch_chunk(nn, arch, spec["base_ids"], chunk["n_rows"], chunk["start"], acts, spec["base"],
-                             chunk["writes"], spec["base_embeds"], spec.get("base_mask"), spec.get("masks"))
+                             chunk["writes"], spec["base_embeds"], spec.get("base_mask"), spec.get("masks"),
+                             spec.get("groups"))
         values.append(metric(spec["metric"], logits, repeat_targets(targets, chunk["n_rows"])))
         if progress is not None:
             progress(1)
