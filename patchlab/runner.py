@@ -112,9 +112,11 @@ def run_rows(model: PatchModel, *, passes: Sequence[CachePass], base: str, base_
     n_prompts, n_pos = base_ids.shape
     run_names = {name for p in passes for name in p.names}
     masks = run_masks(passes)
-    if positions is None:  # no names; lengths from the passes' masks
-        positions = PromptPositions.uniform(sorted(run_names | {base}), n_prompts, n_pos) if masks is None else \
-            PromptPositions(runs={name: RunPositions(lengths=m.sum(1), width=n_pos, names={}) for name, m in masks.items()})
+    if positions is None and masks is None:
+        positions = PromptPositions.uniform(sorted(run_names | {base}), n_prompts, n_pos)
+    elif positions is None:  # no names; the lengths the passes' masks give
+        positions = PromptPositions(runs={name: RunPositions(lengths=m.sum(1), width=n_pos, names={})
+                                          for name, m in masks.items()})
     rows = [joint_set(row) for row in rows]
     check_components(model, dict.fromkeys(i.component for row in rows for i in row))
     for row in rows:
@@ -246,7 +248,7 @@ def length_buckets(lengths: torch.Tensor, width: int, max_buckets: int | None = 
                        for i in range(j) if (i, k - 1) in best]
             if options:
                 best[(j, k)] = min(options, key=lambda o: o[0])
-    cost, cuts = min((best[(count, k)] for k in range(1, max_buckets + 1) if (count, k) in best), key=lambda o: o[0])
+    _, cuts = min((best[(count, k)] for k in range(1, max_buckets + 1) if (count, k) in best), key=lambda o: o[0])
     if len(cuts) == 1:
         return None
     groups, start = [], 0

@@ -387,3 +387,29 @@ def test_a_tokenizer_without_a_pad_token_pads_with_eos():
     tokens = dataset.tokenize(tok)
     assert tokens.pad_token_id == tok.eos_token_id and tokens.pad_token == "EOS (no pad token)"
     assert (tokens.clean_ids[~tokens.clean_mask] == tok.eos_token_id).all()
+
+
+def test_eap_ig_of_mixed_lengths_averages_each_prompts_derivatives_along_the_path(paired):
+    from .test_attribution import TOL, derivative, sample_edges, score
+    model, dataset, _, _ = paired
+    steps = 2
+    ds = pl.eap_ig(model, dataset, steps=steps)
+    alone = [pl.PromptPairDataset(pairs=[pair]).tokenize(model.tokenizer) for pair in dataset]
+    for edge in sample_edges(pl.Graph.from_model(model), 1, seed=7)[::5]:
+        expected = np.mean([derivative(model, t, edge, alpha=k / steps) for t in alone for k in range(steps)])
+        assert score(ds, edge) == pytest.approx(expected, **TOL), edge.label
+
+
+def test_iterative_path_patching_takes_padded_prompts(paired):
+    """Its direct effects (depth 1) are path patching into the logits, checked above against each
+    prompt alone: the walk's scores equal `path_patch_heads` on the same padded batch."""
+    model, dataset, _, _ = paired
+    if model.hf.config.model_type not in ("gpt2", "llama"):
+        pytest.skip("the walk composes path patching, tested on every family above")
+    walk = pl.iterative_path_patching(model, dataset, threshold=0.0, max_depth=1, progress=False)
+    direct = pl.path_patch_heads(model, dataset, freeze_mlps=True, progress=False)  # the walk's default
+    base = float(direct["clean"].mean())
+    for edge in [e for e in walk.edges if e.receiver.kind is pl.NodeKind.LOGITS][:5]:
+        expected = float(direct["patched"].sel(layer=edge.sender.layer, head=edge.sender.head).mean()) - base
+        assert float(walk.scores["score"].sel(edge=edge.label)) == pytest.approx(expected, abs=1e-9)
+    assert walk.scores.attrs["padding"] == "left"

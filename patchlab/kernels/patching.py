@@ -277,8 +277,9 @@ def patch_program(nn, spec, progress=None):
     ``incorrect``: ``[prompt]``), ``kl_from`` (run whose logits are the KL reference) and
     ``chunks``: ``[{"start", "n_rows", "writes"}]`` (``writes``: see `patch_chunk`). For left-padded
     prompts, ``base_mask`` (``[prompt, pos]``) and ``masks`` (``{run: [prompt, pos]}``), True on real
-    tokens, and ``groups`` (optional, see `patch_chunk`). ``gap`` (optional): two run names; when their metrics leave no gap to normalise by (`stop_for_gap`), the program returns
-    before its chunks, with ``values`` empty.
+    tokens, and ``groups`` (optional, see `patch_chunk`). ``gap`` (optional): two run names; when
+    their metrics leave no gap to normalise by (`stop_for_gap`), the program returns before its
+    chunks, with ``values`` empty.
 
     Returns ``{"values": [[row * prompt] per chunk], "runs": {run: metric [prompt]}}``.
     """
