@@ -7,7 +7,7 @@ Public API (see README.md for a tour):
 - data: `PromptPair`, `PromptPairDataset`, `ioi_dataset`, `chat_pairs` (chat-formatted instructions)
 - metrics: `Metric`, `Direction`; `BaselineGapError` (no clean-corrupted gap to normalise by)
 - activation patching: `patch_layer_pos`, `patch_heads`, `patch_components`
-- your own interventions: `Patch`, `Ablate`, `Steer`, `Scale`, `Freeze`, `At`, `PatchEdge`, `run_interventions`,
+- your own interventions: `Patch`, `Ablate`, `Steer`, `ProjectOut`, `Scale`, `Freeze`, `At`, `PatchEdge`, `run_interventions`,
   `sweep_interventions`, `trace`; user metrics `MetricFunction`
 - figures: `plot_layer_pos`, `plot_layer_head`, `plot_sweep`
 - edge and path patching: `patch_edges`, `patch_senders_into`, `path_patch_heads`, `Edge`, `Node`, `Graph`
@@ -42,7 +42,7 @@ from .induction import InductionConfig, induction_dataset, known_circuit, load_i
 from .iterative_paths import iterative_path_patching
 from .ioi import ioi_dataset
 from .metrics import BaselineGapError, Direction, Metric, MetricFunction
-from .interventions import Ablate, At, Freeze, Intervention, Patch, PatchEdge, Scale, Steer
+from .interventions import Ablate, At, Freeze, Intervention, Patch, PatchEdge, ProjectOut, Scale, Steer
 from .intervene import run_interventions, sweep_interventions, trace
 from .models import ModelNotFoundError, PatchModel, load_model
 from .patching import patch_components, patch_heads, patch_layer_pos
@@ -61,7 +61,7 @@ __all__ = [
     "DEFAULT_MODEL", "PatchModel", "load_model", "ModelNotFoundError", "UnsupportedModelError",
     "BaselineGapError", "Direction", "Metric", "MetricFunction",
     "patch_components", "patch_heads", "patch_layer_pos",
-    "Intervention", "Patch", "Ablate", "Steer", "Scale", "Freeze", "At", "PatchEdge",
+    "Intervention", "Patch", "Ablate", "Steer", "ProjectOut", "Scale", "Freeze", "At", "PatchEdge",
     "run_interventions", "sweep_interventions", "trace",
     "plot_layer_head", "plot_layer_pos", "plot_sweep",
     "Channel", "Edge", "Graph", "Node", "NodeKind",

@@ -39,7 +39,8 @@ from .components import Component
 from .data import PromptPairDataset
 from .graph import Graph
 from .graph_runner import edge_patch_rows
-from .interventions import Ablate, At, Freeze, Intervention, Patch, PatchEdge, Run, Scale, Steer, joint_set
+from .interventions import (Ablate, At, Freeze, Intervention, Patch, PatchEdge, ProjectOut, Run, Scale, Steer,
+                            joint_set)
 from .metrics import Direction, Metric, get_metric
 from .models import PatchModel, takes_model
 from .patching import pair_targets, result_dataset, run_pair, tokenize_for
@@ -144,6 +145,10 @@ class InterventionTrace:
     def steer(self, component: Component, vector: torch.Tensor, scale: float = 1.0) -> Intervention:
         """`patchlab.interventions.Steer`: add ``scale * vector``."""
         return self.add(Steer(component, vector, scale))
+
+    def project_out(self, component: Component, direction: torch.Tensor) -> Intervention:
+        """`patchlab.interventions.ProjectOut`: remove a direction, ``x - (x . r) r``."""
+        return self.add(ProjectOut(component, direction))
 
     def scale(self, component: Component, factor: float) -> Intervention:
         """`patchlab.interventions.Scale`: multiply by `factor`."""

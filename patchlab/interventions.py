@@ -11,6 +11,9 @@ sets (rows) in one program (see `patchlab.intervene` and `patchlab.runner`).
   same pair, or with ``seed=`` from another pair's corrupted prompt; Chan et al. 2022).
 - `Steer`: add ``scale * vector`` (activation addition; Turner et al. 2023, arXiv 2308.10248).
 - `Scale`: multiply by ``factor`` (e.g. an attention-head knock-down).
+- `ProjectOut`: remove a direction, ``x - (x . r) r`` with ``r`` of unit norm (directional
+  ablation; Arditi et al. 2024, "Refusal in Language Models Is Mediated by a Single Direction",
+  arXiv 2406.11717).
 - `Freeze`: keep the base run's own value, whatever changed upstream (path-style experiments).
 - `At`: a user function of the component's value, inside the same trace (the escape hatch).
 - `PatchEdge`: one sender -> receiver edge of the computational graph (`patchlab.graph`) carries
@@ -22,9 +25,11 @@ interventions are declared never matters):
 
 1. at most one *setting* intervention (`Patch`, `Ablate`, `Freeze`) per element: two that cover the
    same element conflict (`ValueError`);
-2. every `Scale` factor multiplies the value;
-3. every `Steer` adds its ``scale * vector``;
-4. every `At` function runs last.
+2. every `ProjectOut` removes its direction (several: one after the other, in the order of their
+   direction digests; linear, so it commutes with `Scale`);
+3. every `Scale` factor multiplies the value;
+4. every `Steer` adds its ``scale * vector``;
+5. every `At` function runs last.
 
 Each value has a short ``label`` (``patch(L10.resid_pre@S2<-clean)``, ``ablate(L23H3, mean)``),
 recorded in result attrs, and ``to_json`` / `from_json` round-trip every kind but `At`.
@@ -44,7 +49,8 @@ from ._choices import Choice
 from .components import Component
 from .graph import Edge
 
-__all__ = ["Run", "Ablation", "Intervention", "Patch", "Ablate", "Steer", "Scale", "Freeze", "At", "PatchEdge",
+__all__ = ["Run", "Ablation", "Intervention", "Patch", "Ablate", "Steer", "ProjectOut", "Scale", "Freeze", "At",
+           "PatchEdge",
            "from_json",
            "joint_set", "SETTING"]
 
@@ -178,12 +184,7 @@ class Steer(Intervention):
 
     def __post_init__(self) -> None:
         _component(self.component, "Steer")
-        vector = torch.as_tensor(self.vector).detach().cpu()
-        if vector.dim() != 1 or vector.dtype.is_complex or vector.dtype == torch.bool:
-            raise TypeError(f"Steer vector must be 1-d ([d_model] or [d_head]), got shape {tuple(vector.shape)}")
-        vector = vector.double()
-        if not torch.isfinite(vector).all():
-            raise TypeError("Steer vector has non-finite entries")
+        vector = _vector(self.vector, "Steer")
         object.__setattr__(self, "vector", vector)
         object.__setattr__(self, "scale", _number(self.scale, "Steer scale"))
         object.__setattr__(self, "digest", hashlib.sha256(vector.numpy().tobytes()).hexdigest()[:8])
@@ -202,6 +203,64 @@ class Steer(Intervention):
     def to_json(self) -> dict:
         return {"kind": self.kind, "component": _component_json(self.component), "vector": self.vector.tolist(),
                 "scale": self.scale}
+
+
+def _vector(value, kind: str) -> torch.Tensor:
+    """A 1-d finite vector as a float64 CPU tensor."""
+    vector = torch.as_tensor(value).detach().cpu()
+    if vector.dim() != 1 or vector.dtype.is_complex or vector.dtype == torch.bool:
+        raise TypeError(f"{kind} vector must be 1-d ([d_model] or [d_head]), got shape {tuple(vector.shape)}")
+    vector = vector.double()
+    if not torch.isfinite(vector).all():
+        raise TypeError(f"{kind} vector has non-finite entries")
+    return vector
+
+
+@dataclass(frozen=True, repr=False)
+class ProjectOut(Intervention):
+    """Remove a direction from the component's value at each of its positions (and head):
+    ``x - (x . r) r`` with ``r = direction / |direction|`` (directional ablation; Arditi et al.
+    2024, arXiv 2406.11717). Its projection on ``r`` becomes 0; what is orthogonal to ``r`` stays.
+
+    Args:
+        direction: ``[d_model]`` for ``resid_*``, ``attn_out`` and ``mlp_out``; ``[d_head]`` for the
+            per-head sites (``head``, ``q``, ``k``, ``v``); any non-zero length (it is normalised).
+            Stored, normalised, as a float64 CPU tensor.
+
+    Raises:
+        TypeError: a direction that is not 1-d finite numbers.
+        ValueError: a zero direction.
+    """
+
+    component: Component
+    direction: torch.Tensor
+    kind: ClassVar[str] = "project_out"
+    digest: str = field(init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        _component(self.component, "ProjectOut")
+        direction = _vector(self.direction, "ProjectOut")
+        norm = direction.norm()
+        if norm == 0:
+            raise ValueError("ProjectOut direction is the zero vector; give a non-zero direction (e.g. the difference "
+                             "in means of the harmful and harmless runs)")
+        direction = direction / norm
+        object.__setattr__(self, "direction", direction)
+        object.__setattr__(self, "digest", hashlib.sha256(direction.numpy().tobytes()).hexdigest()[:8])
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, ProjectOut) and (self.component, self.digest) == (other.component, other.digest) \
+            and torch.equal(self.direction, other.direction)
+
+    def __hash__(self) -> int:
+        return hash((self.component, self.digest))
+
+    @property
+    def label(self) -> str:
+        return f"project_out({self.component.label}, r#{self.digest})"
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "component": _component_json(self.component), "direction": self.direction.tolist()}
 
 
 @dataclass(frozen=True, repr=False)
@@ -314,7 +373,7 @@ class PatchEdge(Intervention):
 SETTING = (Patch, Ablate, Freeze)
 """The kinds that set a value; two on the same element of one joint set conflict."""
 
-_KINDS = {cls.kind: cls for cls in (Patch, Ablate, Steer, Scale, Freeze, PatchEdge)}
+_KINDS = {cls.kind: cls for cls in (Patch, Ablate, Steer, ProjectOut, Scale, Freeze, PatchEdge)}
 
 
 def _component_json(c: Component) -> dict:
@@ -338,6 +397,8 @@ def from_json(data: dict) -> Intervention:
     args = {k: v for k, v in data.items() if k not in ("kind", "component")}
     if kind == "steer":
         args["vector"] = torch.tensor(args["vector"], dtype=torch.float64)
+    if kind == "project_out":
+        args["direction"] = torch.tensor(args["direction"], dtype=torch.float64)
     return _KINDS[kind](Component(**data["component"]), **args)
 
 
@@ -361,5 +422,5 @@ def joint_set(interventions) -> tuple[Intervention, ...]:
                             f"pl.Patch({item!r}, source='clean') or pl.Ablate({item!r}, how='mean')")
         if not isinstance(item, Intervention):
             raise TypeError(f"item {i} is a {type(item).__name__} ({item!r}), not an intervention "
-                            "(pl.Patch, pl.Ablate, pl.Steer, pl.Scale, pl.Freeze, pl.At, pl.PatchEdge)")
+                            "(pl.Patch, pl.Ablate, pl.Steer, pl.ProjectOut, pl.Scale, pl.Freeze, pl.At, pl.PatchEdge)")
     return out

@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .components import Component, Site, as_index
-from .interventions import Ablate, Ablation, At, Freeze, Intervention, Patch, Scale, Steer, joint_set
+from .interventions import Ablate, Ablation, At, Freeze, Intervention, Patch, ProjectOut, Scale, Steer, joint_set
 from .kernels import patching as kpatching
 from .metrics import Metric, MetricFunction, Targets, check_gap
 from .models import PatchModel
@@ -125,7 +125,7 @@ def run_rows(model: PatchModel, *, passes: Sequence[CachePass], base: str, base_
     remotely = resolve_remote(remote, model.remote) is not None
     if remotely and any(isinstance(i, At) for row in rows for i in row):
         raise ValueError("an At intervention runs a local Python function and cannot travel with remote=; express "
-                         "it with Patch, Ablate, Steer, Scale or Freeze, or run it here (remote=False)")
+                         "it with Patch, Ablate, Steer, ProjectOut, Scale or Freeze, or run it here (remote=False)")
     if isinstance(metric, MetricFunction):
         metric.check(model.layout.vocab_size, targets)
         if remotely:
@@ -160,15 +160,16 @@ def _check_intervention(model: PatchModel, i: Intervention, runs: set, base: str
     c = i.component
     if c.site is Site.PATTERN:
         check_pattern_site(model)
-        if isinstance(i, At):
-            raise ValueError(f"{i.label}: an At function cannot see a pattern (its head outputs are written "
-                             "before the pattern can be read); use Patch, Ablate, Scale, Steer or Freeze on it, or At "
-                             "on the head site")
-    if isinstance(i, Steer):
+        if isinstance(i, (At, ProjectOut)):
+            raise ValueError(f"{i.label}: {'an At function' if isinstance(i, At) else 'ProjectOut'} cannot see a "
+                             "pattern (its head outputs are written before the pattern can be read); use Patch, "
+                             "Ablate, Scale, Steer or Freeze on it, or this on the head site")
+    if isinstance(i, (Steer, ProjectOut)):
+        vector = i.vector if isinstance(i, Steer) else i.direction
         name, width = (("key pos", n_pos) if c.site is Site.PATTERN else ("d_head", model.layout.d_head)
                        if c.site.per_head else ("d_model", model.layout.d_model))
-        if i.vector.numel() != width:
-            raise ValueError(f"{i.label}: the vector has {i.vector.numel()} entries; {c.site.value} needs "
+        if vector.numel() != width:
+            raise ValueError(f"{i.label}: the vector has {vector.numel()} entries; {c.site.value} needs "
                              f"[{name}] = [{width}]")
     source = _source(i, base)
     if source is not None and len(source) > 1 and source[1] not in runs:
@@ -382,8 +383,9 @@ def _start_layer(model: PatchModel, row: Sequence[Intervention]) -> int:
 def _plan_writes(model: PatchModel, rows: Sequence[Sequence[Intervention]], n_prompts: int,
                  positions: PromptPositions, base: str) -> list:
     """``[(hook point, [(site, layer, ops), ...]), ...]`` in forward order; ``ops`` holds, over the batch
-    ``[row * prompt, pos(, head)]``: ``set`` (``[(mask, source)]``, see `_SetPlan`), ``mul`` (factors, or
-    None), ``add`` (``[(coefficients, vector)]``) and ``at`` (``[(fn, batch index, head, pos index)]``).
+    ``[row * prompt, pos(, head)]``: ``set`` (``[(mask, source)]``, see `_SetPlan`), ``proj``
+    (``[(where, unit direction)]``, by digest), ``mul`` (factors, or None), ``add``
+    (``[(coefficients, vector)]``) and ``at`` (``[(fn, batch index, head, pos index)]``).
 
     Each component's positions resolve per prompt (`patchlab.positions`), so only real tokens are
     ever written, and a value read from another run comes from that run's corresponding token.
@@ -399,8 +401,8 @@ def _plan_writes(model: PatchModel, rows: Sequence[Sequence[Intervention]], n_pr
         for i in row:
             c = i.component
             shape = (n_rows, n_prompts, width) + ((layout.n_heads_at(c.site),) if c.site.per_head else ())
-            plan = plans.setdefault((c.site, c.layer), {"shape": shape, "set": {}, "mul": None, "add": {}, "at": [],
-                                                        "claims": {}})
+            plan = plans.setdefault((c.site, c.layer), {"shape": shape, "set": {}, "proj": {}, "mul": None, "add": {},
+                                                        "at": [], "claims": {}})
             prompt, cols = _elements(positions[base], c, i.label, base)
             if c.site is Site.PATTERN:
                 _check_pattern_keys(positions, i, base)
@@ -414,6 +416,9 @@ def _plan_writes(model: PatchModel, rows: Sequence[Sequence[Intervention]], n_pr
                 if plan["mul"] is None:
                     plan["mul"] = torch.ones(shape, dtype=torch.float64)
                 plan["mul"][index] *= i.factor
+            elif isinstance(i, ProjectOut):
+                where, _ = plan["proj"].setdefault(i.digest, (torch.zeros(shape, dtype=torch.float64), i.direction))
+                where[index] = 1.0
             elif isinstance(i, Steer):
                 coef, _ = plan["add"].setdefault(i.digest, (torch.zeros(shape, dtype=torch.float64), i.vector))
                 coef[index] += i.scale
@@ -428,6 +433,7 @@ def _plan_writes(model: PatchModel, rows: Sequence[Sequence[Intervention]], n_pr
             writes[model.adapter.point(Site.V, layer)]  # read the values a pattern weighs
         ops = {"set": [(sp.mask.flatten(0, 1), sp.kernel_source(source, n_prompts, positions))
                        for source, sp in plan["set"].items()],
+               "proj": [(plan["proj"][k][0].flatten(0, 1), plan["proj"][k][1]) for k in sorted(plan["proj"])],
                "mul": None if plan["mul"] is None else plan["mul"].flatten(0, 1),
                "add": [(coef.flatten(0, 1), vector) for coef, vector in plan["add"].values()],
                "at": plan["at"]}

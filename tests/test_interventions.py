@@ -59,8 +59,8 @@ def reference_rows(model, tokens, rows, base="corrupted", metric=Metric.LOGIT_DI
                       clean_logprobs=torch.log_softmax(clean_logits, -1))
     out = []
     for row in rows:
-        stages = {pl.Patch: [], pl.Ablate: [], pl.Freeze: [], pl.Scale: [], pl.Steer: [], pl.At: []}
-        for i in row:
+        stages = {pl.Patch: [], pl.Ablate: [], pl.Freeze: [], pl.ProjectOut: [], pl.Scale: [], pl.Steer: [], pl.At: []}
+        for i in sorted(row, key=lambda i: i.digest if isinstance(i, pl.ProjectOut) else ""):  # directions by digest
             c = i.component
             key = (c.site.value, c.layer)
             spot = dict(site=c.site.value, layer=c.layer, head=c.head, pos=ref_pos(c.pos, dict(tokens.positions),
@@ -79,6 +79,9 @@ def reference_rows(model, tokens, rows, base="corrupted", metric=Metric.LOGIT_DI
                 patch = RefPatch(**spot, fn=lambda x, f=i.factor: x * f)
             elif isinstance(i, pl.Steer):
                 patch = RefPatch(**spot, fn=lambda x, v=i.vector, s=i.scale: x + s * v)
+            elif isinstance(i, pl.ProjectOut):  # the unit direction, from the raw one given
+                r = i.direction / i.direction.norm()
+                patch = RefPatch(**spot, fn=lambda x, r=r: x - (x @ r)[..., None] * r)
             else:
                 patch = RefPatch(**spot, fn=i.fn)
             stages[type(i)].append(patch)
@@ -102,7 +105,7 @@ def one_of_each(model, site: Site, layer: int) -> list:
     return [pl.Patch(at(None)), pl.Patch(at("A"), source="corrupted"), pl.Ablate(at(-1), how="zero"),
             pl.Ablate(at(None), how="mean"), pl.Ablate(at([0, "END"]), how="resample", seed=3),
             pl.Steer(at(-2), vector, scale=2.5), pl.Scale(at(None), 0.25), pl.Freeze(at(2)),
-            pl.At(at([1, -1]), halve_and_flip)]
+            pl.At(at([1, -1]), halve_and_flip), pl.ProjectOut(at([0, -1]), vector.flip(0) + 0.3)]
 
 
 def test_each_kind_on_each_site_equals_hooks(setup):
@@ -130,6 +133,7 @@ def joint(model):
         pl.Patch(C(site="mlp_out", layer=0, pos=[2, 3])),                    # set, scaled and steered:
         pl.Scale(C(site="mlp_out", layer=0, pos=[3, 4]), -0.5),              # the fixed order matters
         pl.Steer(C(site="mlp_out", layer=0, pos=3), v, scale=3.0),
+        pl.ProjectOut(C(site="mlp_out", layer=0, pos=[1, 3]), v.flip(0) - 0.4),  # after the set, before the scale
         pl.Ablate(C(site="k", layer=last, head=0, pos=-1), how="mean"),
         pl.Scale(C(site="head", layer=last, head=1), 0.0),
         pl.At(C(site="resid_post", layer=last, pos="END"), halve_and_flip),
@@ -262,10 +266,13 @@ def test_labels_and_json_round_trip():
     values = [pl.Patch(C(site="resid_pre", layer=10, pos="S2")), pl.Ablate(C(site="head", layer=23, head=3), "mean"),
               pl.Ablate(C(site="v", layer=1, head=0, pos=[-1, 2]), "resample", seed=7),
               pl.Steer(C(site="resid_pre", layer=12, pos="END"), v, scale=4.0), pl.Scale(C(site="head", layer=2, head=1), 0.5),
-              pl.Freeze(C(site="mlp_out", layer=3, pos=-1))]
+              pl.Freeze(C(site="mlp_out", layer=3, pos=-1)),
+              pl.ProjectOut(C(site="resid_post", layer=4, pos=-1), 2 * v)]
     assert [i.label for i in values[:3]] == ["patch(L10.resid_pre@S2<-clean)", "ablate(L23H3, mean)",
                                              "ablate(L1H0.v@2,-1, resample, seed=7)"]
     assert values[3].label.startswith("steer(L12.resid_pre@END, 4 * v#")
+    assert values[-1].label.startswith("project_out(L4.resid_post@-1, r#") and values[-1].direction.norm() == 1
+    assert values[-1] == pl.ProjectOut(C(site="resid_post", layer=4, pos=-1), v)  # the direction, not its length
     for i in values:
         back = from_json(json.loads(json.dumps(i.to_json())))
         assert back == i and back.label == i.label
@@ -289,6 +296,7 @@ def llama():
     ([pl.Patch(C(site="head", layer=0, head=0)), pl.Ablate(C(site="head", layer=0, head=0, pos=2))], ValueError,
      r"patch\(L0H0<-clean\) and ablate\(L0H0@2, zero\) both set"),
     ([C(site="head", layer=0, head=0)], TypeError, r"not an intervention: wrap it, e\.g\. pl\.Patch"),
+    ([pl.ProjectOut(C(site="mlp_out", layer=0), torch.ones(5))], ValueError, r"5 entries.*\[d_model\]"),
     ([], ValueError, "no interventions"),
 ])
 def test_bad_joint_sets_are_refused(llama, rows, error, match):
@@ -489,3 +497,7 @@ def test_patterns_need_eager_attention_and_fit_their_shape():
         pl.run_interventions(eager, dataset, [pl.Steer(C(site="pattern", layer=0, head=0), torch.ones(4))])
     with pytest.raises(ValueError, match="cannot see a pattern"):
         pl.run_interventions(eager, dataset, [pl.At(C(site="pattern", layer=0, head=0), halve_and_flip)])
+    with pytest.raises(ValueError, match="ProjectOut cannot see a pattern"):
+        pl.run_interventions(eager, dataset, [pl.ProjectOut(C(site="pattern", layer=0, head=0), torch.ones(6))])
+    with pytest.raises(ValueError, match="zero vector"):
+        pl.ProjectOut(C(site="resid_pre", layer=0), torch.zeros(4))

@@ -103,6 +103,9 @@ def reference(model, tokens, alone, rows, base="corrupted"):
                         at(q, torch.zeros_like, sets)
                     elif isinstance(i, pl.Scale):
                         at(q, lambda x, f=i.factor: x * f, edits)
+                    elif isinstance(i, pl.ProjectOut):  # before the edits (it follows the sets)
+                        unit = i.direction / i.direction.norm()
+                        at(q, lambda x, u=unit: x - (x @ u)[..., None] * u, sets)
                     else:
                         at(q, lambda x, v=i.vector, s=i.scale: x + s * v, edits)
             logits = reference_patched_logits(hf, alone[base][p], sets + edits)
@@ -173,6 +176,8 @@ def test_interventions_align_by_name_and_mean_over_each_prompts_own_token(setup)
         "joint": [pl.Patch(C(site="q", layer=last, head=0, pos="X")), pl.Scale(C(site="mlp_out", layer=0), 0.5),
                   pl.Steer(C(site="resid_pre", layer=last, pos=-2), v, scale=2.0),
                   pl.Ablate(C(site="head", layer=0, head=0), how="zero")],
+        "project out": [pl.ProjectOut(C(site="resid_pre", layer=last, pos=["X", -1]), v + 0.5),
+                        pl.Steer(C(site="resid_pre", layer=last, pos=-1), v, scale=-1.0)],
     }
     ds = pl.sweep_interventions(model, dataset, rows, progress=False)
     expected = reference(model, tokens, alone, list(rows.values()))

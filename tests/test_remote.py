@@ -110,7 +110,8 @@ def test_interventions_are_one_request_and_equal_local(models, server, family):
             "ablations": [pl.Ablate(C(site="mlp_out", layer=0), how="mean"),
                           pl.Ablate(C(site="head", layer=1, head=1, pos=-1), how="resample", seed=0)],
             "steer+scale": [pl.Steer(C(site="resid_pre", layer=1, pos=-1), v, scale=2.0),
-                            pl.Scale(C(site="attn_out", layer=1), 0.5)]}
+                            pl.Scale(C(site="attn_out", layer=1), 0.5)],
+            "project out": [pl.ProjectOut(C(site="resid_post", layer=0), v)]}
     for metric in ("logit_diff", top_minus_mean):
         server.reset()
         local = pl.sweep_interventions(model, data, rows, metric=metric, progress=False)

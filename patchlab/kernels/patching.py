@@ -80,7 +80,8 @@ def _taken_writes(writes, take):
                     at_fns.append((fn, mine[mine >= 0], head, pos - col))
             kept.append((site, layer, {
                 "set": [(cut(m), src if src[0] == "zero" else src[:3] + (cut(src[3]),)) for m, src in ops["set"]],
-                "mul": cut(ops["mul"]), "add": [(cut(c), v) for c, v in ops["add"]], "at": at_fns}))
+                "proj": [(cut(w), r) for w, r in ops.get("proj", ())], "mul": cut(ops["mul"]),
+                "add": [(cut(c), v) for c, v in ops["add"]], "at": at_fns}))
         out.append((pt, kept))
     return out
 
@@ -140,6 +141,7 @@ def intervene(arch, site, layer, new, state, ops, acts, n_rows):
 
     - ``set``: ``[(mask, source)]``: masked elements take the source's value (`source_value`:
       a cached run, its mean over prompts, or zeros);
+    - ``proj``: ``[(where, unit direction r)]``: where 1, ``x - (x . r) r`` (one direction after another);
     - ``mul``: factors (or None): the value is multiplied;
     - ``add``: ``[(coefficients, vector)]``: ``coefficient * vector`` is added;
     - ``at``: ``[(fn, batch index, head, pos index)]``: ``fn`` edits those elements last.
@@ -156,6 +158,9 @@ def intervene(arch, site, layer, new, state, ops, acts, n_rows):
     for mask, src in ops["set"]:
         value = source_value(acts, src, site, layer, n_rows, current, state.get("masks"), state.get("take"))
         target = torch.where(mask.to(current.device)[..., None], value, target)
+    for where, direction in ops.get("proj", ()):
+        r = direction.to(current.device, current.dtype)
+        target = target - (where.to(current.device, current.dtype) * (target @ r))[..., None] * r
     if ops["mul"] is not None:
         target = target * ops["mul"].to(current.device, current.dtype)[..., None]
     for coef, vector in ops["add"]:
