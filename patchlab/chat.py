@@ -97,7 +97,7 @@ def chat_pairs(tokenizer: "PreTrainedTokenizerBase", clean_instructions: Sequenc
     if not clean or not corrupted:
         raise DatasetError("chat_pairs needs at least one clean and one corrupted instruction")
     if match_lengths:
-        clean, corrupted = _matched(tokenizer, clean, corrupted)
+        clean, corrupted = _matched(clean, corrupted)
     elif len(clean) != len(corrupted):
         raise DatasetError(f"{len(clean)} clean and {len(corrupted)} corrupted instructions: pairs are made in "
                            "order, so give as many of each, or pass match_lengths=True to pair by token length")
@@ -110,15 +110,16 @@ def chat_pairs(tokenizer: "PreTrainedTokenizerBase", clean_instructions: Sequenc
     return PromptPairDataset(pairs=pairs, name=name, corruption=corruption)
 
 
-def _matched(tokenizer, clean, corrupted):
-    """Each clean prompt with the first unused corrupted prompt of its token length."""
-    length = lambda text: len(tokenizer(text)["input_ids"])  # noqa: E731
+def _matched(clean, corrupted):
+    """Each clean prompt with the first unused corrupted prompt of its token length (its last
+    position, the last template token, plus one)."""
+    length = lambda item: max(item[1].values()) + 1  # noqa: E731
     pool: dict[int, list[int]] = {}
-    for j, (text, _) in enumerate(corrupted):
-        pool.setdefault(length(text), []).append(j)
+    for j, item in enumerate(corrupted):
+        pool.setdefault(length(item), []).append(j)
     kept_clean, kept_corrupted = [], []
     for item in clean:
-        free = pool.get(length(item[0]))
+        free = pool.get(length(item))
         if free:
             kept_clean.append(item)
             kept_corrupted.append(corrupted[free.pop(0)])

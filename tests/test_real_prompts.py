@@ -20,6 +20,7 @@ from patchlab.metrics import Metric, Targets
 from patchlab.runner import derangement
 
 from .precision import exact_atol
+from .test_interventions import halve_and_flip
 from .reference import RefPatch, reference_cache, reference_patched_logits
 from .tiny_models import ALL_FAMILIES, tiny_patch_model
 
@@ -103,6 +104,8 @@ def reference(model, tokens, alone, rows, base="corrupted"):
                         at(q, torch.zeros_like, sets)
                     elif isinstance(i, pl.Scale):
                         at(q, lambda x, f=i.factor: x * f, edits)
+                    elif isinstance(i, pl.At):
+                        at(q, i.fn, edits)
                     elif isinstance(i, pl.ProjectOut):  # before the edits (it follows the sets)
                         unit = i.direction / i.direction.norm()
                         at(q, lambda x, u=unit: x - (x @ u)[..., None] * u, sets)
@@ -175,7 +178,8 @@ def test_interventions_align_by_name_and_mean_over_each_prompts_own_token(setup)
         "resample by name": [pl.Ablate(C(site="head", layer=last, head=1, pos="X"), how="resample", seed=3)],
         "joint": [pl.Patch(C(site="q", layer=last, head=0, pos="X")), pl.Scale(C(site="mlp_out", layer=0), 0.5),
                   pl.Steer(C(site="resid_pre", layer=last, pos=-2), v, scale=2.0),
-                  pl.Ablate(C(site="head", layer=0, head=0), how="zero")],
+                  pl.Ablate(C(site="head", layer=0, head=0), how="zero"),
+                  pl.At(C(site="mlp_out", layer=last, pos=["X", -1]), halve_and_flip)],  # per prompt, by group
         "project out": [pl.ProjectOut(C(site="resid_pre", layer=last, pos=["X", -1]), v + 0.5),
                         pl.Steer(C(site="resid_pre", layer=last, pos=-1), v, scale=-1.0)],
     }

@@ -277,6 +277,17 @@ def clear_padding(resid, mask):
                                                                             device=resid.device))
 
 
+def cleared_block_input(nn, arch, layer, mask):
+    """Block `layer`'s input with left padding cleared (`clear_padding`) and written back, for the
+    passes that walk the blocks one by one; `mask` (``[batch, pos]``) None: the input as it is."""
+    blk = block(nn, arch, layer)
+    resid = blk.input
+    if mask is not None:
+        resid = clear_padding(resid, mask)
+        blk.input = resid
+    return resid
+
+
 def cache_pass(nn, arch, ids, names, sites, embeds=None, mask=None):
     """One forward pass over several runs stacked along the batch (``ids``: ``[run * prompt, pos]``).
 

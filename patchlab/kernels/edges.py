@@ -18,7 +18,7 @@ batch rows ``r * prompt .. r * prompt + prompt - 1``):
 
 import torch
 
-from .common import (at, block, clear_padding, head_contributions, head_weights, input_head_weights, metric,
+from .common import (at, block, cleared_block_input, head_contributions, head_weights, input_head_weights, metric,
                      mlp_in_point, module, padding, point, rep, repeat_targets, skip_value, stop_for_gap, torch_module,
                      unview, view, with_clean_logprobs)
 from .patching import cache_runs, real_mean
@@ -102,10 +102,7 @@ def patch_chunk(nn, arch, ids, chunk, acts, base, src, mask=None):
         for layer in range(start):
             block(nn, arch, layer).skip(skip)
         for layer in range(start, arch["n_layers"]):
-            resid = block(nn, arch, layer).input
-            if real is not None:
-                resid = clear_padding(resid, real)
-                block(nn, arch, layer).input = resid
+            resid = cleared_block_input(nn, arch, layer, real)
             if layer == 0:
                 for i, key in enumerate(keys):
                     if key["embed"] is not None:

@@ -54,7 +54,7 @@ def patch_chunk(nn, arch, ids, n_rows, start, acts, base, writes, base_embeds=Fa
     logits = None
     for prompts, col in groups:
         sel = (torch.arange(n_rows)[:, None] * n_prompts + prompts[None, :]).flatten()
-        take = {"prompts": prompts, "sel": sel, "start": int(col)}
+        take = {"prompts": prompts, "sel": sel, "start": int(col), "n_batch": n_rows * n_prompts}
         part = _patch_pass(nn, arch, ids[prompts, col:], n_rows, start, acts, base, _taken_writes(writes, take),
                            base_embeds, mask[prompts, col:], masks, take)
         if logits is None:
@@ -67,7 +67,7 @@ def _taken_writes(writes, take):
     """`writes` restricted to one length group's batch rows and columns (`patch_chunk`)."""
     sel, col = take["sel"], take["start"]
     cut = lambda t: None if t is None else t[sel.to(t.device)][:, col:]  # noqa: E731
-    local = torch.full((int(sel.max()) + 1,), -1, dtype=torch.long)
+    local = torch.full((take["n_batch"],), -1, dtype=torch.long)  # whole-batch row -> this group's row
     local[sel] = torch.arange(len(sel))
     out = []
     for pt, entries in writes:
@@ -75,7 +75,7 @@ def _taken_writes(writes, take):
         for site, layer, ops in entries:
             at_fns = []
             for fn, batch, head, pos in ops["at"]:
-                mine = local[batch.clamp(max=len(local) - 1)].masked_fill(batch >= len(local), -1)
+                mine = local[batch]
                 if bool((mine >= 0).any()):
                     at_fns.append((fn, mine[mine >= 0], head, pos - col))
             kept.append((site, layer, {

@@ -14,8 +14,8 @@ slices and ``[row * prompt, pos, d_model]`` otherwise.
 
 import torch
 
-from .common import (at, block, clear_padding, metric, mlp_in_point, module, padding, point, rep, repeat_targets,
-                     skip_value, stop_for_gap, unview, view, with_clean_logprobs)
+from .common import (at, block, cleared_block_input, metric, mlp_in_point, module, padding, point, rep,
+                     repeat_targets, skip_value, stop_for_gap, unview, view, with_clean_logprobs)
 from .patching import cache_runs
 
 
@@ -46,13 +46,6 @@ def _skip(nn, arch, acts, base, n_rows, layers, entering):
             block(nn, arch, layer).skip(value)
 
 
-def _cleared(nn, arch, layer, real):
-    """Clear block `layer`'s input at left padding (`clear_padding`; `real`: ``[batch, pos]`` or None)."""
-    if real is not None:
-        blk = block(nn, arch, layer)
-        blk.input = clear_padding(blk.input, real)
-
-
 def record(nn, arch, ids, acts, base, n_rows, start, receivers, freeze_mlps, senders=None, previous=None,
            live=None, mask=None):
     """One recording pass over `n_rows` copies of the base run (``ids``: ``[prompt, pos]``); returns the
@@ -75,7 +68,7 @@ def record(nn, arch, ids, acts, base, n_rows, start, receivers, freeze_mlps, sen
     with torch.no_grad(), nn.trace(ids.repeat(n_rows, 1), logits_to_keep=1, **padding(real)):
         _skip(nn, arch, acts, base, n_rows, range(start), start)
         for layer in range(start, min(last + 1, n_layers)):
-            _cleared(nn, arch, layer, real)
+            cleared_block_input(nn, arch, layer, real)
             patches, reads = _heads_by_point(arch, previous, layer), _heads_by_point(arch, receivers, layer)
             for pt in sorted(set(patches) | set(reads), key=lambda p: p[3]):
                 envoy = at(nn, arch, pt)
@@ -134,7 +127,7 @@ def replay(nn, arch, ids, acts, base, n_rows, start, recorded, mask=None):
     with torch.no_grad(), nn.trace(ids.repeat(n_rows, 1), logits_to_keep=1, **padding(real)):
         _skip(nn, arch, acts, base, n_rows, range(min(start, n_layers)), min(start, n_layers - 1))
         for layer in range(start, n_layers):
-            _cleared(nn, arch, layer, real)
+            cleared_block_input(nn, arch, layer, real)
             patches = _heads_by_point(arch, recorded, layer)
             for pt in sorted(patches, key=lambda p: p[3]):
                 envoy = at(nn, arch, pt)
