@@ -388,8 +388,8 @@ class PromptPairDataset:
             corrupted_ids.append(corrupted)
         pad_id, pad_how = pad_token(tokenizer)
         width = max(len(ids) for ids in clean_ids + corrupted_ids)
-        clean, clean_mask = _left_padded(clean_ids, width, pad_id)
-        corrupted, corrupted_mask = _left_padded(corrupted_ids, width, pad_id)
+        clean, clean_mask = left_padded(clean_ids, width, pad_id)
+        corrupted, corrupted_mask = left_padded(corrupted_ids, width, pad_id)
         return TokenizedPairs(
             clean_ids=clean, corrupted_ids=corrupted, clean_mask=clean_mask, corrupted_mask=corrupted_mask,
             correct_ids=_answer_tensor(correct_ids, incorrect_ids),
@@ -533,7 +533,7 @@ def pad_token(tokenizer) -> tuple[int, str]:
     return 0, "id 0 (no pad, EOS or BOS token)"
 
 
-def _left_padded(seqs: list[list[int]], width: int, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+def left_padded(seqs: list[list[int]], width: int, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Ids ``[prompt, width]`` with each sequence at the right, and True on its tokens."""
     ids = torch.full((len(seqs), width), pad, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.bool)

@@ -34,6 +34,7 @@ import torch
 import xarray as xr
 
 from ._io import file_sha256
+from ._seeded import deterministic_cpu
 from .data import DatasetError, PromptPair, PromptPairDataset
 from ._io import cache_root, remove_aside
 from .graph import Channel, Edge, Node, NodeKind
@@ -166,21 +167,6 @@ def _repeat_rows(config: InductionConfig, n: int, gen: torch.Generator) -> torch
     return torch.cat([torch.full((n, 1), BOS_ID), r, r], dim=1)
 
 
-@contextlib.contextmanager
-def _deterministic_cpu():
-    """One CPU thread, deterministic kernels and a private RNG; all restored afterwards."""
-    threads = torch.get_num_threads()
-    flags = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.set_num_threads(1)  # so that results do not depend on the machine's core count
-    torch.use_deterministic_algorithms(True)
-    try:
-        with torch.random.fork_rng(devices=[]):
-            yield
-    finally:
-        torch.set_num_threads(threads)
-        torch.use_deterministic_algorithms(flags[0], warn_only=flags[1])
-
-
 def train_induction_model(config: InductionConfig = InductionConfig(), *, progress: bool = False):
     """Train on CPU, bit-for-bit reproducibly (for one torch version and CPU kind); caches nothing.
 
@@ -192,7 +178,7 @@ def train_induction_model(config: InductionConfig = InductionConfig(), *, progre
     from tqdm.auto import tqdm
 
     start, T = time.perf_counter(), config.seq_len
-    with _deterministic_cpu():
+    with deterministic_cpu(threads=1):  # so that results do not depend on the core count
         torch.manual_seed(config.seed)
         model, gen = _new_model(config).train(), torch.Generator().manual_seed(config.seed)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr,

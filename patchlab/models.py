@@ -127,7 +127,9 @@ def load_model(model: str | os.PathLike | torch.nn.Module = "smollm2-135m", *, t
 
     A name is looked up in this order:
 
-    1. an embedded short name (``"smollm2-135m"``, see `patchlab.embedded`): offline;
+    1. an embedded short name (``"smollm2-135m"``, see `patchlab.embedded`): offline; or
+       ``"smollm2-135m-refusal"``, the refusal test-bed (`patchlab.refusal_model`), built on
+       first use (about 10 minutes on 2 cores) and cached;
     2. an existing local folder, as written by ``save_pretrained`` (an ``os.PathLike``
        is only ever taken for a folder);
     3. a Hugging Face Hub id (``"org/name"``, or a bare legacy name such as ``"gpt2"``):
@@ -262,6 +264,10 @@ def _resolve_source(model: str | os.PathLike) -> _Source:
     if name in embedded.EMBEDDED_MODELS:
         return _Source("embedded", str(embedded.embedded_model_path(name)), name,
                        hub_id=embedded.EMBEDDED_MODELS[name].hub_id)
+    if name == "smollm2-135m-refusal":  # the refusal test-bed: fine-tuned once, then cached
+        from .refusal_model import refusal_model_path
+
+        return _Source("embedded", str(refusal_model_path()), name)
     if not name.strip():
         raise ModelNotFoundError(_not_found(name, "an empty name names no model"))
     path = Path(name).expanduser()

@@ -37,7 +37,8 @@ from .positions import ALIGNMENT_HELP, PromptPositions, RunPositions
 from .remote import execute, resolve_remote, send_by_value
 
 __all__ = ["CachePass", "PatchResult", "run_rows", "patch_rows", "derangement", "length_buckets", "rows_per_chunk",
-           "chunk_rows", "chunk_progress", "pass_specs", "run_masks",
+           "chunk_rows", "chunk_progress", "pass_specs", "run_masks", "plan_writes", "check_intervention",
+           "value_source",
            "gather_chunks", "check_range", "check_components", "checked_gap"]
 
 
@@ -121,7 +122,7 @@ def run_rows(model: PatchModel, *, passes: Sequence[CachePass], base: str, base_
     check_components(model, dict.fromkeys(i.component for row in rows for i in row))
     for row in rows:
         for i in row:
-            _check_intervention(model, i, run_names | {base}, base, n_prompts, n_pos)
+            check_intervention(model, i, run_names | {base}, base, n_prompts, n_pos)
     remotely = resolve_remote(remote, model.remote) is not None
     if remotely and any(isinstance(i, At) for row in rows for i in row):
         raise ValueError("an At intervention runs a local Python function and cannot travel with remote=; express "
@@ -134,14 +135,14 @@ def run_rows(model: PatchModel, *, passes: Sequence[CachePass], base: str, base_
     starts = [_start_layer(model, row) for row in rows]
     chunks = chunk_rows(starts, limit)
     sites = {(Site.RESID_PRE, layer) for layer in set(starts) | {0}} | \
-        {(i.component.site, i.component.layer) for row in rows for i in row if _source(i, base)}
+        {(i.component.site, i.component.layer) for row in rows for i in row if value_source(i, base)}
     spec = {"arch": model.arch(), "base": base, "base_ids": base_ids,
             "base_embeds": base_embeds, "metric": metric.spec, "kl_from": kl_from, "gap": gap,
             "targets": {"correct": targets.correct, "incorrect": targets.incorrect},
             "runs": pass_specs(passes, sites), "base_mask": None if masks is None else masks[base], "masks": masks,
             "groups": length_buckets(positions[base].lengths, n_pos) if length_groups else None,
             "chunks": [{"start": starts[chunk[0]], "n_rows": len(chunk),
-                        "writes": _plan_writes(model, [rows[r] for r in chunk], n_prompts, positions, base)}
+                        "writes": plan_writes(model, [rows[r] for r in chunk], n_prompts, positions, base)}
                        for chunk in chunks]}
     with chunk_progress(model, remote, len(chunks), "patching", progress) as update:
         out = execute(model, kpatching.patch_program, spec, update, remote=remote)
@@ -156,7 +157,7 @@ def patch_rows(model: PatchModel, *, source: str, rows: Sequence[tuple[Component
     return run_rows(model, rows=[tuple(Patch(c, source=source) for c in row) for row in rows], **kwargs)
 
 
-def _check_intervention(model: PatchModel, i: Intervention, runs: set, base: str, n_prompts: int, n_pos: int) -> None:
+def check_intervention(model: PatchModel, i: Intervention, runs: set, base: str, n_prompts: int, n_pos: int) -> None:
     c = i.component
     if c.site is Site.PATTERN:
         check_pattern_site(model)
@@ -171,7 +172,7 @@ def _check_intervention(model: PatchModel, i: Intervention, runs: set, base: str
         if vector.numel() != width:
             raise ValueError(f"{i.label}: the vector has {vector.numel()} entries; {c.site.value} needs "
                              f"[{name}] = [{width}]")
-    source = _source(i, base)
+    source = value_source(i, base)
     if source is not None and len(source) > 1 and source[1] not in runs:
         raise ValueError(f"{i.label} reads the {source[1]!r} run, which this experiment does not run "
                          f"(runs: {sorted(runs)})")
@@ -194,7 +195,7 @@ def check_pattern_site(model: PatchModel) -> None:
                          f"pl.load_model(..., attn_implementation='eager')")
 
 
-def _source(i: Intervention, base: str) -> tuple | None:
+def value_source(i: Intervention, base: str) -> tuple | None:
     """Where a setting intervention's value comes from, as the kernel reads it (None: not a setting one):
     ``("run", name)``, ``("mean", name)``, ``("perm", name, seed)`` or ``("zero",)``."""
     if isinstance(i, Patch):
@@ -380,7 +381,7 @@ def _start_layer(model: PatchModel, row: Sequence[Intervention]) -> int:
     return min(model.adapter.write_point(i.component.site, i.component.layer).layer for i in row)
 
 
-def _plan_writes(model: PatchModel, rows: Sequence[Sequence[Intervention]], n_prompts: int,
+def plan_writes(model: PatchModel, rows: Sequence[Sequence[Intervention]], n_prompts: int,
                  positions: PromptPositions, base: str) -> list:
     """``[(hook point, [(site, layer, ops), ...]), ...]`` in forward order; ``ops`` holds, over the batch
     ``[row * prompt, pos(, head)]``: ``set`` (``[(mask, source)]``, see `_SetPlan`), ``proj``
@@ -407,7 +408,7 @@ def _plan_writes(model: PatchModel, rows: Sequence[Sequence[Intervention]], n_pr
             if c.site is Site.PATTERN:
                 _check_pattern_keys(positions, i, base)
             index = (r, prompt, cols) + ((c.head,) if c.site.per_head else ())
-            source = _source(i, base)
+            source = value_source(i, base)
             if source is not None:
                 _claim(plan["claims"], index, shape, i)
                 plan["set"].setdefault(source, _SetPlan(shape, width)).add(index, _source_columns(
@@ -486,7 +487,7 @@ def _source_columns(positions: PromptPositions, source: tuple, c: Component, lab
 def _check_pattern_keys(positions: PromptPositions, i: Intervention, base: str) -> None:
     """A pattern row is over key positions: refuse reading it from prompts of another length (its keys
     would not correspond), and a key-position steering vector over prompts of different lengths."""
-    source = _source(i, base)
+    source = value_source(i, base)
     lengths = positions[base].lengths
     if isinstance(i, Steer):
         same = bool((lengths == lengths[0]).all())

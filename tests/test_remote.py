@@ -15,6 +15,7 @@ import copy
 from pathlib import Path
 
 import nnsight
+import numpy as np
 import pytest
 import torch
 import xarray as xr
@@ -122,6 +123,22 @@ def test_interventions_are_one_request_and_equal_local(models, server, family):
     one = pl.run_interventions(model, data, rows["ablations"], remote=server.url)
     assert len(requests(server)) == 1
     assert_same_results(pl.run_interventions(model, data, rows["ablations"]), one)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generation_is_one_request_and_equals_local(models, server, family):
+    """A whole decode with interventions on the prompt and at every step is one request."""
+    model, data = models[family], pairs(models[family])
+    C = pl.Component
+    v = torch.linspace(-1, 1, model.layout.d_model)
+    joint = [pl.Patch(C(site="resid_pre", layer=1, pos=-1)), pl.ProjectOut(C(site="resid_pre", layer=0), v),
+             pl.Steer(C(site="mlp_out", layer=1), v, scale=0.5)]
+    server.reset()
+    local = pl.generate(model, data, joint, max_new_tokens=4, run="corrupted")
+    remote = pl.generate(model, data, joint, max_new_tokens=4, run="corrupted", remote=server.url)
+    assert (local.tokens.values == remote.tokens.values).all()
+    np.testing.assert_array_equal(local.logprob.values, remote.logprob.values)  # the same computation
+    assert len(requests(server)) == 1, server.requests
 
 
 @pytest.mark.parametrize("family", FAMILIES)

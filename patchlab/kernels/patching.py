@@ -55,7 +55,7 @@ def patch_chunk(nn, arch, ids, n_rows, start, acts, base, writes, base_embeds=Fa
     for prompts, col in groups:
         sel = (torch.arange(n_rows)[:, None] * n_prompts + prompts[None, :]).flatten()
         take = {"prompts": prompts, "sel": sel, "start": int(col), "n_batch": n_rows * n_prompts}
-        part = _patch_pass(nn, arch, ids[prompts, col:], n_rows, start, acts, base, _taken_writes(writes, take),
+        part = _patch_pass(nn, arch, ids[prompts, col:], n_rows, start, acts, base, taken_writes(writes, take),
                            base_embeds, mask[prompts, col:], masks, take)
         if logits is None:
             logits = part.new_empty((n_rows * n_prompts,) + tuple(part.shape[1:]))
@@ -63,7 +63,7 @@ def patch_chunk(nn, arch, ids, n_rows, start, acts, base, writes, base_embeds=Fa
     return logits
 
 
-def _taken_writes(writes, take):
+def taken_writes(writes, take):
     """`writes` restricted to one length group's batch rows and columns (`patch_chunk`)."""
     sel, col = take["sel"], take["start"]
     cut = lambda t: None if t is None else t[sel.to(t.device)][:, col:]  # noqa: E731
@@ -99,39 +99,53 @@ def _patch_pass(nn, arch, ids, n_rows, start, acts, base, writes, base_embeds, m
     """One forward pass of `patch_chunk` (over one length group when `take` is given)."""
     batch = ids.repeat(n_rows, 1)
     skip = skip_value(arch, _base_rows(acts, (base, "resid_pre", start), n_rows, take)) if start else None
+    mask = None if mask is None else mask.repeat(n_rows, 1)
+    writes = planned_writes(arch, writes, start, mask, base_embeds)
+    with torch.no_grad(), nn.trace(batch, logits_to_keep=1, **padding(mask)):
+        for layer in range(start):
+            block(nn, arch, layer).skip(skip)
+        apply_writes(nn, arch, writes, n_rows, acts, base, base_embeds, mask, masks, take)
+        logits = nn.output.logits[:, -1].clone()
+    return logits
+
+
+def planned_writes(arch, writes, start, mask, base_embeds=False):
+    """`writes` plus the points a pass must visit without intervening: block 0's input when the
+    base run starts from cached embeddings, and with left padding (`mask`) every block input from
+    `start` on, where `apply_writes` clears the padding."""
     embed_point = point(arch, "resid_pre", 0)
     if base_embeds and start == 0 and all(pt != embed_point for pt, _ in writes):
         writes = [(embed_point, [])] + list(writes)
-    mask = None if mask is None else mask.repeat(n_rows, 1)
-    if mask is not None:  # every block input from `start` on is cleared at padding
+    if mask is not None:
         planned = dict(writes)
         for layer in range(start, arch["n_layers"]):
             planned.setdefault(point(arch, "resid_pre", layer), [])
         writes = sorted(planned.items(), key=lambda kv: (kv[0][0], kv[0][3]))
-    padded = padding(mask)
-    with torch.no_grad(), nn.trace(batch, logits_to_keep=1, **padded):
-        for layer in range(start):
-            block(nn, arch, layer).skip(skip)
-        # this pass's current values that later interventions read (the block input, v), and its batch
-        state = {"masks": masks, "take": take}
-        for pt, entries in writes:
-            envoy = at(nn, arch, pt)
-            value = read(envoy, pt[2])
-            raw = first(value)
-            new = raw
-            if base_embeds and pt == embed_point:
-                new = _base_rows(acts, (base, "resid_pre", 0), n_rows, take).to(raw.device)
-            if mask is not None and pt[1] == "" and pt[2] == "input":
-                new = clear_padding(new, mask)
-            for site, layer, ops in entries:
-                new = intervene(arch, site, layer, new, state, ops, acts, n_rows)
-            write(envoy, pt[2], value, new)
-            if pt == point(arch, "resid_pre", pt[0]):
-                state["resid_pre"] = new
-            if pt == point(arch, "v", pt[0]):
-                state["v"] = view(arch, "v", new)
-        logits = nn.output.logits[:, -1].clone()
-    return logits
+    return writes
+
+
+def apply_writes(nn, arch, writes, n_rows, acts, base, base_embeds=False, mask=None, masks=None, take=None):
+    """Inside a trace: visit each point of `writes` in forward order, apply its interventions
+    (`intervene`) and write the result back. With `base_embeds` block 0's input is the base run's
+    cached one; with `mask` (left padding, ``[batch, pos]``) padding is cleared at block inputs."""
+    embed_point = point(arch, "resid_pre", 0)
+    state = {"masks": masks, "take": take}  # the current values later interventions read (block input, v)
+    for pt, entries in writes:
+        envoy = at(nn, arch, pt)
+        value = read(envoy, pt[2])
+        raw = first(value)
+        new = raw
+        if base_embeds and pt == embed_point:
+            new = _base_rows(acts, (base, "resid_pre", 0), n_rows, take).to(raw.device)
+        if mask is not None and pt[1] == "" and pt[2] == "input":
+            new = clear_padding(new, mask)
+        for site, layer, ops in entries:
+            new = intervene(arch, site, layer, new, state, ops, acts, n_rows)
+        write(envoy, pt[2], value, new)
+        if pt == point(arch, "resid_pre", pt[0]):
+            state["resid_pre"] = new
+        if pt == point(arch, "v", pt[0]):
+            state["v"] = view(arch, "v", new)
 
 
 def intervene(arch, site, layer, new, state, ops, acts, n_rows):

@@ -1,0 +1,73 @@
+"""Refusal judgement, the shipped refusal data, and the test-bed fine-tune's determinism (tiny model)."""
+
+import hashlib
+
+import pytest
+import torch
+
+import patchlab as pl
+from patchlab import refusal_data
+from patchlab.refusal_model import RefusalConfig, train_refusal_model, training_examples
+from tests.tiny_models import tiny_model, tiny_tokenizer
+
+
+def test_substring_judge_follows_arditi_markers():
+    assert pl.is_refusal("I'm sorry, but I can't help with that.")
+    assert pl.is_refusal("as an ai, i will not")  # case-insensitive
+    assert pl.is_refusal("I can\u2019t do that")  # a curly apostrophe
+    assert not pl.is_refusal("Sure! Here is a cake recipe.")
+    assert pl.refusal_rate(["I cannot", "Sure", "Here", "I apologize"]) == 0.5
+    with pytest.raises(ValueError):
+        pl.refusal_rate([])
+
+
+def test_refusal_score_is_log_odds_of_the_opener_set():
+    logits = torch.tensor([[2.0, 0.5, -1.0, 0.0]], dtype=torch.float64)
+    p = torch.softmax(logits, -1)[0, [1, 3]].sum()
+    targets = pl.metrics.Targets(correct=torch.tensor([[1, 3]]), incorrect=torch.tensor([[0, -1]]))
+    got = pl.Metric.LOG_ODDS(logits, targets)
+    assert abs(float(got) - float(torch.log(p) - torch.log(1 - p))) < 1e-12
+
+
+def test_xstest_halves_are_disjoint_and_cover_every_type():
+    train, test = refusal_data.xstest("train"), refusal_data.xstest("test")
+    assert not {r["id"] for r in train} & {r["id"] for r in test}
+    assert len(train) + len(test) == 450
+    for kind in {r["type"] for r in train + test}:
+        n = sum(r["type"] == kind for r in train + test)
+        assert sum(r["type"] == kind for r in train) == n // 2
+    assert refusal_data.xstest("test", label="safe") and all(
+        r["label"] == "safe" for r in refusal_data.xstest("test", label="safe"))
+
+
+def test_contrastive_data_is_held_apart():
+    rewrites, twins = refusal_data.harmless_rewrites(), refusal_data.harmless_twins()
+    assert len(rewrites) == 160 and len(twins) == 80
+    train = set(refusal_data.instructions("harmful", "train")) | set(rewrites)
+    assert not train & set(twins)
+    assert not set(refusal_data.instructions("harmful", "test")) & set(twins)
+
+
+def chat_tokenizer():
+    tok = tiny_tokenizer()
+    tok.chat_template = ("{% for m in messages %}w1 {{ m['content'] }} w2 {% endfor %}"
+                         "{% if add_generation_prompt %}w3{% endif %}")
+    return tok
+
+
+def digest(model) -> str:
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode() + t.detach().numpy().tobytes())
+    return h.hexdigest()
+
+
+def test_fine_tune_is_deterministic_and_trains():
+    config = RefusalConfig(n_harmful=6, n_harmless=6, n_rewrites=4, xstest=False, batch=4, reply_tokens=3, lr=1e-3)
+    tok = chat_tokenizer()
+    a, stats = train_refusal_model(tiny_model("llama"), tok, config)
+    b, _ = train_refusal_model(tiny_model("llama"), tok, config)
+    assert digest(a) == digest(b)
+    assert digest(a) != digest(tiny_model("llama"))
+    assert stats["n_refused"] == 6 and stats["n_examples"] + stats["n_dropped"] == 16
+    assert [e.instruction for e in training_examples(config)] == [e.instruction for e in training_examples(config)]
