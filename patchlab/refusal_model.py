@@ -47,6 +47,7 @@ from . import refusal_data
 from ._io import cache_root, file_sha256, remove_aside
 from ._seeded import deterministic_cpu
 from .chat import chat_prompt
+from .data import pad_token
 from .refusal import is_refusal
 
 __all__ = ["REFUSAL_MODEL", "REFUSALS", "RefusalConfig", "RefusalModelError", "evaluate_refusal",
@@ -146,18 +147,11 @@ def _prompts(tokenizer, instructions: Sequence[str]) -> list[list[int]]:
     return [tokenizer(chat_prompt(tokenizer, text)[0])["input_ids"] for text in instructions]
 
 
-def _pad_id(tokenizer) -> int:
-    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id):
-        if token_id is not None:
-            return int(token_id)
-    return 0
-
-
 def greedy_replies(hf, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                    batch: int = 32) -> list[list[int]]:
     """Greedy continuations (token ids, up to and including an end token) of tokenised prompts,
     left-padded in batches of `batch` in the given order; plain ``transformers`` generation."""
-    pad, out = _pad_id(tokenizer), []
+    pad, out = pad_token(tokenizer)[0], []
     stops = {t for t in (tokenizer.eos_token_id, getattr(hf.generation_config, "eos_token_id", None))
              if isinstance(t, int)}
     for start in range(0, len(prompts), batch):
@@ -222,7 +216,7 @@ def train_refusal_model(hf, tokenizer, config: RefusalConfig = RefusalConfig(), 
     if not getattr(tokenizer, "chat_template", None):
         raise RefusalModelError("the refusal fine-tune needs a chat model's tokenizer (one with a chat template)")
     examples = training_examples(config)
-    pad = _pad_id(tokenizer)
+    pad = pad_token(tokenizer)[0]
     with deterministic_cpu(threads=config.threads):
         torch.manual_seed(config.seed)
         hf.eval()
