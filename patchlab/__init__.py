@@ -10,6 +10,7 @@ Public API (see README.md for a tour):
 - your own interventions: `Patch`, `Ablate`, `Steer`, `ProjectOut`, `Scale`, `Freeze`, `At`, `PatchEdge`, `run_interventions`,
   `sweep_interventions`, `trace`; user metrics `MetricFunction`
 - generation with interventions at every step: `generate`
+- directions: `mean_difference` (difference in means, e.g. the refusal direction)
 - refusal: `chat_prompt`, `is_refusal`, `refusal_rate`, `refusal_openers`; the test-bed
   ``load_model("smollm2-135m-refusal")`` (`patchlab.refusal_model`)
 - figures: `plot_layer_pos`, `plot_layer_head`, `plot_sweep`
@@ -33,6 +34,7 @@ from .chat import chat_pairs, chat_prompt
 from .circuit import Circuit
 from .circuit_plots import plot_circuit, plot_faithfulness_curves
 from .components import Component, Site
+from .directions import mean_difference
 from .data import DatasetError, PromptPair, PromptPairDataset
 from .embedded import DEFAULT_MODEL
 from .edges import patch_edges, patch_senders_into
@@ -68,7 +70,7 @@ __all__ = [
     "patch_components", "patch_heads", "patch_layer_pos",
     "Intervention", "Patch", "Ablate", "Steer", "ProjectOut", "Scale", "Freeze", "At", "PatchEdge",
     "run_interventions", "sweep_interventions", "trace", "generate",
-    "is_refusal", "refusal_rate", "refusal_openers",
+    "mean_difference", "is_refusal", "refusal_rate", "refusal_openers",
     "plot_layer_head", "plot_layer_pos", "plot_sweep",
     "Channel", "Edge", "Graph", "Node", "NodeKind",
     "patch_edges", "patch_senders_into", "path_patch_heads",

@@ -251,6 +251,21 @@ class ExperimentRun:
         atomic_write_text(path, json.dumps(obj, indent=1, default=str) + "\n")
         return self._written(path)
 
+    def save_jsonl(self, records: Sequence[Any], name: str) -> Path:
+        """Write JSON-able records to ``<name>.jsonl``, one per line, atomically (e.g. generations)."""
+        path = self._out(f"{name}.jsonl")
+        atomic_write_text(path, "".join(json.dumps(r, default=str) + "\n" for r in records))
+        return self._written(path)
+
+    def load_jsonl(self, name: str) -> list | None:
+        """The records saved as ``<name>.jsonl`` by an earlier attempt of this run (only when
+        resuming), else None."""
+        path = self._out(f"{name}.jsonl")
+        if not (self.resume and path.exists()):
+            return None
+        self._track(path)
+        return [json.loads(line) for line in path.read_text().splitlines()]
+
     def record(self, **facts: Any) -> None:
         """Add facts to the manifest (model id and hash, baselines, ...); an open run rewrites it.
 

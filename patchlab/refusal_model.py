@@ -96,7 +96,7 @@ class RefusalConfig:
     """Train on the XSTest half that is not held out: safe prompts keep their replies, unsafe ones are refused."""
     epochs: int = 2
     batch: int = 16
-    lr: float = 2e-5
+    lr: float = 3e-5
     reply_tokens: int = 12
     """Reply tokens the loss sees (and that self-distillation generates)."""
     seed: int = 0
