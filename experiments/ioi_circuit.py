@@ -70,29 +70,22 @@ def main(config: Config) -> None:
         run.save_prompts(dataset)
         run.record(model_id=model.model_id, model_sha256=model.weights_sha256, remote=config.remote)
 
-        def step(name, compute):
-            ds = run.load_dataset(name)
-            if ds is None:
-                logging.info("computing %s", name)
-                ds = compute()
-                run.save_dataset(ds, name)
-            return ds
-
-        scores = {"EAP": step("scores_eap", lambda: pl.eap(model, dataset, metric=metric, seed=seed)),
-                  "EAP-IG": step("scores_eap_ig", lambda: pl.eap_ig(model, dataset, steps=config.ig_steps,
+        scores = {"EAP": run.step("scores_eap", lambda: pl.eap(model, dataset, metric=metric, seed=seed)),
+                  "EAP-IG": run.step("scores_eap_ig", lambda: pl.eap_ig(model, dataset, steps=config.ig_steps,
                                                                      metric=metric, seed=seed))}
         ranked = rank_edges(scores["EAP-IG"])
         others = ranked[config.exact_top:]
         sample = ranked[:config.exact_top] + random.Random(seed).sample(others, min(config.exact_random, len(others)))
-        exact = step("scores_exact_sample", lambda: pl.exact_edge_scores(model, dataset, edges=sample, metric=metric,
-                                                                         seed=seed))
+        exact = run.step("scores_exact_sample",
+                         lambda: pl.exact_edge_scores(model, dataset, edges=sample, metric=metric, seed=seed))
         for name, ds in scores.items():
             report = pl.agreement(ds, exact)
             run.save_dataset(report, f"agreement_{_slug(name)}")
             run.record(**{f"agreement_{_slug(name)}": {"spearman": report.attrs["spearman"],
                                                        "top_k_overlap": dict(zip(report["k"].values.tolist(),
                                                                                  report["top_k_overlap"].values.tolist()))}})
-        curves = {name: step(f"curve_{_slug(name)}", lambda ds=ds: pl.faithfulness_curve(model, dataset, ds, metric=metric))
+        curves = {name: run.step(f"curve_{_slug(name)}",
+                                 lambda ds=ds: pl.faithfulness_curve(model, dataset, ds, metric=metric))
                   for name, ds in {**scores, "exact (sampled edges)": exact}.items()}
 
         acdc_ds = run.load_dataset("circuit_acdc")
@@ -108,7 +101,7 @@ def main(config: Config) -> None:
         run.save_dataset(top.to_dataset(), "circuit_eap_ig_top")
         for name, circuit in circuits.items():
             run.save_json(circuit.to_json(), f"circuit_{name}")
-        evaluations = [step(f"faithfulness_{level}_{ablation}", lambda level=level, ablation=ablation:
+        evaluations = [run.step(f"faithfulness_{level}_{ablation}", lambda level=level, ablation=ablation:
                             pl.evaluate_circuits(model, dataset, list(circuits.values()), labels=list(circuits),
                                                  ablation=ablation, level=level, metric=metric))
                        for level in ("edge", "node") for ablation in ("resample", "mean")]

@@ -58,15 +58,8 @@ def main(config: Config) -> dict:
         run.save_prompts(dataset)
         run.record(model_id=model.model_id, model_sha256=model.weights_sha256, dataset_sha256=dataset.sha256())
 
-        def step(name, compute):
-            ds = run.load_dataset(name)
-            if ds is None:
-                ds = compute()
-                run.save_dataset(ds, name)
-            return ds
-
-        heads = step("heads", lambda: pl.patch_heads(model, dataset, site="head", seed=config.seed))
-        resid = step("resid_s2_end", lambda: pl.patch_layer_pos(model, dataset, site="resid_pre",
+        heads = run.step("heads", lambda: pl.patch_heads(model, dataset, site="head", seed=config.seed))
+        resid = run.step("resid_s2_end", lambda: pl.patch_layer_pos(model, dataset, site="resid_pre",
                                                                 positions=["S2", "END"], seed=config.seed))
         at_s2, at_end = resid.score.isel(pos=0), resid.score.isel(pos=1)
         handover = int(resid.layer[(at_end > at_s2).values].min())  # first layer where END carries more than S2
@@ -76,13 +69,13 @@ def main(config: Config) -> dict:
         knockout = [pl.Ablate(h, how="mean") for h in movers]
         log.info("hand-over layer %d; name-mover candidates %s", handover, [h.label for h in movers])
 
-        knocked = step("knockout", lambda: pl.run_interventions(model, dataset, knockout, base="clean",
+        knocked = run.step("knockout", lambda: pl.run_interventions(model, dataset, knockout, base="clean",
                                                                 seed=config.seed))
         restore_layer = max(0, handover - 2)
         s2 = pl.Patch(C(site="resid_pre", layer=restore_layer, pos="S2"), source="clean")
         rows = {"S2 restored": [s2], "S2 restored, name movers mean-ablated": [s2, *knockout],
                 "name movers mean-ablated": knockout}
-        restored = step("restore_s2", lambda: pl.sweep_interventions(model, dataset, rows, base="corrupted",
+        restored = run.step("restore_s2", lambda: pl.sweep_interventions(model, dataset, rows, base="corrupted",
                                                                      seed=config.seed))
         numbers = {
             "handover_layer": handover, "name_movers": ",".join(h.label for h in movers),

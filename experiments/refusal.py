@@ -142,7 +142,7 @@ def ablate_everywhere(model, r) -> list:
 
 
 def select_direction(model, directions: xr.Dataset, val, val_reversed, config: Config):
-    """Score every candidate on val; returns (Dataset over layer, pos, the chosen (layer, pos))."""
+    """Every candidate's scores on val, over layer and pos; attrs ``chosen`` ("L<layer>/<pos>")."""
     n_layers = model.layout.n_layers
     layers = [int(layer) for layer in directions.layer.values if layer < config.max_layer_frac * n_layers]
     # where harmful and harmless prompts cannot differ (the embeddings of the same template token) the direction is 0
@@ -166,7 +166,7 @@ def select_direction(model, directions: xr.Dataset, val, val_reversed, config: C
     best = pick.stack(c=("layer", "pos")).dropna("c").idxmin("c").item()
     ds.attrs["chosen"] = f"L{best[0]}/{best[1]}"
     ds.attrs["kl_filter_met"] = int(pick is allowed)
-    return ds, (int(best[0]), str(best[1]))
+    return ds
 
 
 def judged(model, prompts, interventions=(), *, max_new_tokens: int):
@@ -200,21 +200,13 @@ def main(config: Config, model=None) -> dict:
         run.save_prompts(circuit_train, "prompts_circuit_train")
         run.save_prompts(circuit_test, "prompts_circuit_test")
 
-        def step(name, compute):
-            ds = run.load_dataset(name)
-            if ds is None:
-                logging.info("computing %s", name)
-                ds = compute()
-                run.save_dataset(ds, name)
-            return ds
-
         # 3. which layers contribute
-        sweeps = {(site, d): step(f"sweep_{site}_{d}", lambda site=site, d=d: pl.patch_layer_pos(
+        sweeps = {(site, d): run.step(f"sweep_{site}_{d}", lambda site=site, d=d: pl.patch_layer_pos(
             model, sweep, site=site, positions=positions, metric="log_odds", direction=d, seed=seed, progress=False))
             for site in SITES for d in DIRECTIONS}
         head_rows = [[C(site="head", layer=layer, head=h, pos=p) for p in post]
                      for layer in range(model.layout.n_layers) for h in range(model.layout.n_heads)]
-        heads = {d: step(f"heads_{d}", lambda d=d: pl.patch_components(model, sweep, head_rows, metric="log_odds",
+        heads = {d: run.step(f"heads_{d}", lambda d=d: pl.patch_components(model, sweep, head_rows, metric="log_odds",
                                                                           direction=d, seed=seed, progress=False))
                  for d in DIRECTIONS}
         table = layer_ranking(sweeps)
@@ -229,9 +221,9 @@ def main(config: Config, model=None) -> dict:
                      top_heads_denoising=head_scores["denoising"][:5], top_heads_noising=head_scores["noising"][:5])
 
         # 4. the refusal direction
-        directions = step("directions", lambda: pl.mean_difference(model, train, positions=post))
-        selection = step("direction_selection", lambda: select_direction(model, directions, val, val_reversed,
-                                                                         config)[0])
+        directions = run.step("directions", lambda: pl.mean_difference(model, train, positions=post))
+        selection = run.step("direction_selection", lambda: select_direction(model, directions, val, val_reversed,
+                                                                         config))
         layer, pos = selection.attrs["chosen"][1:].split("/")
         layer = int(layer)
         r = directions.direction.sel(layer=layer, pos=pos).values
@@ -252,18 +244,18 @@ def main(config: Config, model=None) -> dict:
                      direction_kl_filter_met=bool(selection.attrs["kl_filter_met"]), refusal_rates=rates)
 
         # 5. the circuit
-        scores = step("scores_eap_ig", lambda: pl.eap_ig(model, circuit_train, steps=config.ig_steps,
+        scores = run.step("scores_eap_ig", lambda: pl.eap_ig(model, circuit_train, steps=config.ig_steps,
                                                          metric="log_odds", seed=seed))
         ranked_edges = rank_edges(scores)
         others = ranked_edges[config.exact_top:]
         sample = ranked_edges[:config.exact_top] + random.Random(seed).sample(others, min(config.exact_random,
                                                                                          len(others)))
-        exact = step("scores_exact_sample", lambda: pl.exact_edge_scores(model, circuit_train, edges=sample,
+        exact = run.step("scores_exact_sample", lambda: pl.exact_edge_scores(model, circuit_train, edges=sample,
                                                                           metric="log_odds", seed=seed))
         report = pl.agreement(scores, exact)
         run.save_dataset(report, "agreement_eap_ig")
         sizes = sorted({0, *[int(k) for k in np.unique(np.round(np.geomspace(1, len(ranked_edges), 18)))]})
-        curve = step("curve_eap_ig_test", lambda: pl.faithfulness_curve(model, circuit_test, scores, sizes=sizes,
+        curve = run.step("curve_eap_ig_test", lambda: pl.faithfulness_curve(model, circuit_test, scores, sizes=sizes,
                                                                         metric="log_odds", progress=False))
         acdc_ds = run.load_dataset("circuit_acdc")
         if acdc_ds is None:
@@ -276,7 +268,7 @@ def main(config: Config, model=None) -> dict:
         reached = curve.faithfulness.where(curve.faithfulness >= config.target, drop=True)
         k = int(reached.n_edges.min()) if reached.size else int(curve.n_edges[int(curve.faithfulness.argmax())])
         minimal = Circuit.top_k(scores, k)
-        evaluation = step("faithfulness_test", lambda: pl.evaluate_circuits(
+        evaluation = run.step("faithfulness_test", lambda: pl.evaluate_circuits(
             model, circuit_test, [minimal, acdc], labels=["minimal", "acdc"], metric="log_odds", progress=False))
         run.save_dataset(minimal.to_dataset(), "circuit_minimal")
         run.save_json(minimal.to_json(), "circuit_minimal")

@@ -229,6 +229,16 @@ class ExperimentRun:
         self._track(path)
         return loaded
 
+    def step(self, name: str, compute):
+        """The Dataset ``<name>.nc``: kept from the earlier attempt when resuming, else
+        ``compute()``, saved (one resumable step of an experiment)."""
+        ds = self.load_dataset(name)
+        if ds is None:
+            log.info("computing %s", name)
+            ds = compute()
+            self.save_dataset(ds, name)
+        return ds
+
     def save_prompts(self, dataset, name: str = "prompts") -> Path:
         """Write a `PromptPairDataset` to ``<name>.jsonl``, atomically; the first one saved
         gives the fact ``dataset_sha256``.

@@ -513,3 +513,23 @@ def test_resume_of_a_folder_that_has_only_its_config(tmp_path):
         assert run.load_dataset("sweep") is not None
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["status"] == "completed" and manifest["files"] == {"sweep.nc": sha256(folder / "sweep.nc")}
+
+
+def test_step_computes_once_and_a_resumed_run_keeps_it(tmp_path):
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return xr.Dataset({"x": ("i", np.arange(3.0))})
+
+    with pl.ExperimentRun("steps", root=tmp_path, config={"a": 1}, seed=0, run_id="r") as run:
+        first = run.step("result", compute)
+        run.save_jsonl([{"reply": "I cannot"}, {"reply": "Sure"}], "generations")
+        assert run.load_jsonl("generations") is None  # not resuming: nothing kept
+    with pl.ExperimentRun("steps", root=tmp_path, config={"a": 1}, seed=0, run_id="r", resume=True) as run:
+        again = run.step("result", compute)
+        kept = run.load_jsonl("generations")
+    assert len(calls) == 1 and again.x.values.tolist() == first.x.values.tolist() == [0.0, 1.0, 2.0]
+    assert kept == [{"reply": "I cannot"}, {"reply": "Sure"}]
+    manifest = json.loads((tmp_path / "steps" / "r" / "manifest.json").read_text())
+    assert {"result.nc", "generations.jsonl"} <= {f["path"] if isinstance(f, dict) else f for f in manifest["files"]}
