@@ -46,6 +46,7 @@ import patchlab as pl  # noqa: E402
 from patchlab import refusal_data  # noqa: E402
 from patchlab.circuit import Circuit, rank_edges  # noqa: E402
 from patchlab.experiment import config_from_args  # noqa: E402
+from patchlab.graph import NodeKind  # noqa: E402
 from patchlab.refusal_model import REFUSAL_MODEL  # noqa: E402
 
 C = pl.Component
@@ -78,10 +79,13 @@ class Config:
     exact_top: int = 60
     exact_random: int = 30
     acdc_candidates: int = 80
+    """ACDC searches the top EAP-IG edges up to this many, or the minimal circuit's edges if fewer."""
     acdc_tau: float = 0.1
     """ACDC threshold, nats of refusal log-odds."""
     target: float = 0.8
-    """Faithfulness the minimal circuit must reach on test prompts."""
+    """Faithfulness the minimal circuit must reach on test prompts (and not exceed 2 - target)."""
+    draw_edges: int = 60
+    """The circuit diagram draws this many of the minimal circuit's edges, the largest scores."""
     seed: int = 0
     results: str = "results"
     resume: str = ""
@@ -167,6 +171,30 @@ def select_direction(model, directions: xr.Dataset, val, val_reversed, config: C
     ds.attrs["chosen"] = f"L{best[0]}/{best[1]}"
     ds.attrs["kl_filter_met"] = int(pick is allowed)
     return ds
+
+
+def minimal_size(curve: xr.Dataset, target: float) -> tuple[int, bool]:
+    """The smallest top-k size whose faithfulness lies within ``[target, 2 - target]``, and True;
+    where none does, the size whose faithfulness is closest to 1, and False.
+
+    ``curve`` is a `pl.faithfulness_curve` (dim ``n_edges``); overshooting (faithfulness above
+    ``2 - target``) is as far from the full model's behaviour as falling short.
+    """
+    f = curve.faithfulness
+    good = f.where(abs(f - 1) <= 1 - target, drop=True)
+    if good.size:
+        return int(good.n_edges.min()), True
+    return int(curve.n_edges[int(abs(f - 1).argmin())]), False
+
+
+def circuit_nodes(circuit: Circuit) -> dict:
+    """The heads, key/value heads and MLPs a circuit's edges touch (labels: "L3H1", "L3KV0", "L5.mlp"),
+    and the layers they sit in."""
+    nodes = sorted({n for e in circuit.edges for n in (e.sender, e.receiver)}, key=lambda n: n.sort_key)
+    return {"heads": [n.label for n in nodes if n.kind is NodeKind.HEAD],
+            "kv_heads": [n.label for n in nodes if n.kind is NodeKind.KV_HEAD],
+            "mlps": [n.label for n in nodes if n.kind is NodeKind.MLP],
+            "layers": sorted({int(n.layer) for n in nodes if n.layer is not None})}
 
 
 def judged(model, prompts, interventions=(), *, max_new_tokens: int):
@@ -257,32 +285,37 @@ def main(config: Config, model=None) -> dict:
         sizes = sorted({0, *[int(k) for k in np.unique(np.round(np.geomspace(1, len(ranked_edges), 18)))]})
         curve = run.step("curve_eap_ig_test", lambda: pl.faithfulness_curve(model, circuit_test, scores, sizes=sizes,
                                                                         metric="log_odds", progress=False))
+        k, reached = minimal_size(curve, config.target)
+        minimal = Circuit.top_k(scores, k)
         acdc_ds = run.load_dataset("circuit_acdc")
         if acdc_ds is None:
             acdc = pl.acdc(model, circuit_train, tau=config.acdc_tau, metric="log_odds",
-                           candidates=ranked_edges[:config.acdc_candidates], seed=seed, progress=False,
+                           candidates=ranked_edges[:min(k, config.acdc_candidates)], seed=seed, progress=False,
                            checkpoint=run.path / "acdc_checkpoint.json")
             run.save_dataset(acdc.to_dataset(), "circuit_acdc")
         else:
             acdc = Circuit.from_dataset(acdc_ds)
-        reached = curve.faithfulness.where(curve.faithfulness >= config.target, drop=True)
-        k = int(reached.n_edges.min()) if reached.size else int(curve.n_edges[int(curve.faithfulness.argmax())])
-        minimal = Circuit.top_k(scores, k)
         evaluation = run.step("faithfulness_test", lambda: pl.evaluate_circuits(
             model, circuit_test, [minimal, acdc], labels=["minimal", "acdc"], metric="log_odds", progress=False))
         run.save_dataset(minimal.to_dataset(), "circuit_minimal")
         run.save_json(minimal.to_json(), "circuit_minimal")
         run.save_json(acdc.to_json(), "circuit_acdc")
         f_min, f_acdc = (float(evaluation.faithfulness.sel(circuit=c)) for c in ("minimal", "acdc"))
-        nodes = sorted({n.label for e in minimal.edges for n in (e.sender, e.receiver)})
-        run.save_figure(pl.plot_circuit(minimal, title=f"refusal, minimal circuit: EAP-IG top {k} edges, "
+        nodes = circuit_nodes(minimal)
+        run.save_figure(pl.plot_circuit(minimal, max_edges=config.draw_edges,
+                                        title=f"refusal, minimal circuit: EAP-IG top {k} edges, "
                                         f"faithfulness {f_min:.2f} on test prompts"),
                         "circuit_minimal", formats=("png", "svg"))
         run.save_figure(pl.plot_faithfulness_curves({"EAP-IG (test prompts)": curve},
                                                     title="refusal: faithfulness of the top-k EAP-IG edges"),
                         "faithfulness_curves", formats=("png", "svg"))
+        top_heads = [h.split()[0] for h in head_scores["denoising"][:10] + head_scores["noising"][:10]]
         facts.update(minimal_circuit_edges=k, minimal_circuit_faithfulness=f_min,
-                     minimal_circuit_reached_target=bool(reached.size), minimal_circuit_nodes=nodes,
+                     minimal_circuit_reached_target=reached, minimal_circuit_heads=nodes["heads"],
+                     minimal_circuit_mlps=nodes["mlps"],
+                     minimal_circuit_top_layers=[x for x in facts["top_layers"] if x in nodes["layers"]],
+                     minimal_circuit_top_heads=sorted({h for h in top_heads if h in nodes["heads"]}),
+                     minimal_circuit_layers_above_direction=[x for x in nodes["layers"] if x > layer],
                      acdc_edges=len(acdc), acdc_faithfulness=f_acdc, n_graph_edges=len(ranked_edges),
                      eap_ig_spearman=float(report.attrs["spearman"]),
                      seconds=round(time.perf_counter() - started, 1))
