@@ -16,8 +16,9 @@ On the refusal test-bed ``smollm2-135m-refusal`` (built on first use, see README
    on harmless prompts stays under ``kl_max``, in the first ``max_layer_frac`` of the layers), then
    on test: refusal rates of greedy replies with it projected out everywhere, and added on harmless;
 5. the circuit: EAP-IG over every edge, exact scores of the top candidates and the agreement report,
-   faithfulness curves on test prompts, ACDC over the top EAP-IG edges, the minimal top-k circuit
-   whose faithfulness reaches ``target`` on test prompts, drawn (PNG and SVG).
+   faithfulness curves on test prompts, the minimal top-k circuit whose faithfulness lies within
+   ``[target, 2 - target]`` on test prompts (bisected between the curve's sizes), ACDC over its top
+   edges, the circuit drawn (PNG and SVG).
 
 Writes ``results/refusal/<run-id>/``, each file as it finishes; ``--resume RUN_ID`` keeps what an
 interrupted run saved.
@@ -41,6 +42,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 import xarray as xr  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
 
 import patchlab as pl  # noqa: E402
 from patchlab import refusal_data  # noqa: E402
@@ -60,17 +62,19 @@ COMPLIANCE = ("Here", " Here", "Sure", "The", "To")
 class Config:
     model: str = REFUSAL_MODEL
     """The refusal test-bed (built on first use), a Hub id of a chat model, or a local folder."""
-    n_sweep: int = 8
+    n_sweep: int = 6
     """Harmful/harmless train pairs of the activation-patching sweeps."""
     n_direction: int = 32
     """Harmful and harmless train prompts of the difference in means."""
-    n_val: int = 8
+    n_val: int = 4
     """Val pairs that select the direction."""
     n_test: int = 32
     """Harmful and harmless test prompts whose greedy replies are judged."""
     max_new_tokens: int = 24
-    kl_max: float = 0.1
-    """Largest KL (nats) on harmless val prompts that a selected direction's ablation may cause."""
+    kl_max: float = 0.5
+    """Largest KL (nats) on harmless val prompts that a selected direction's ablation may cause. Arditi et
+    al. use 0.1 on 1.8B-72B models; on the 135M test-bed the best 0.1-KL candidate (L15, first
+    post-instruction token) lowered harmful refusal only from 0.81 to 0.72 (see README)."""
     max_layer_frac: float = 0.8
     """Directions are taken from the first fraction of the layers (Arditi et al. drop the last 20%)."""
     n_circuit: int = 6
@@ -145,26 +149,28 @@ def ablate_everywhere(model, r) -> list:
     return [pl.ProjectOut(C(site=site, layer=layer), r) for layer in range(model.layout.n_layers) for site in SITES]
 
 
-def select_direction(model, directions: xr.Dataset, val, val_reversed, config: Config):
-    """Every candidate's scores on val, over layer and pos; attrs ``chosen`` ("L<layer>/<pos>")."""
+def select_direction(model, directions: xr.Dataset, val, val_reversed, config: Config, *, progress: bool = True):
+    """Every candidate's scores on val, over layer and pos (one sweep per layer, so an interrupted
+    selection shows its progress); attrs ``chosen`` ("L<layer>/<pos>")."""
     n_layers = model.layout.n_layers
     layers = [int(layer) for layer in directions.layer.values if layer < config.max_layer_frac * n_layers]
     # where harmful and harmless prompts cannot differ (the embeddings of the same template token) the direction is 0
     nonzero = directions.norm > 1e-6 * float(directions.norm.max())
     layers = [layer for layer in layers if bool(nonzero.sel(layer=layer).all())]
-    candidates = [(layer, str(pos)) for layer in layers for pos in directions.pos.values]
-    rows = {f"L{layer}/{pos}": ablate_everywhere(model, directions.direction.sel(layer=layer, pos=pos).values)
-            for layer, pos in candidates}
-    ablated = pl.sweep_interventions(model, val, rows, base="clean", metric="log_odds", progress=False)
-    kl = pl.sweep_interventions(model, val_reversed, rows, base="clean", metric="kl", progress=False)
-    shape = (len(layers), len(directions.pos))
-    ds = xr.Dataset({"ablated_refusal_score": (("layer", "pos"), ablated.patched.mean("prompt").values.reshape(shape),
+    ablated, kl = [], []
+    for layer in tqdm(layers, desc="refusal direction candidates", unit="layer", disable=not progress):
+        rows = {str(pos): ablate_everywhere(model, directions.direction.sel(layer=layer, pos=pos).values)
+                for pos in directions.pos.values}
+        ablated.append(pl.sweep_interventions(model, val, rows, base="clean", metric="log_odds", progress=False))
+        kl.append(pl.sweep_interventions(model, val_reversed, rows, base="clean", metric="kl", progress=False))
+    mean = lambda sweeps: np.stack([s.patched.mean("prompt").values for s in sweeps])  # noqa: E731 [layer, pos]
+    ds = xr.Dataset({"ablated_refusal_score": (("layer", "pos"), mean(ablated),
                                                {"units": "nats", "long_name": "harmful val, direction ablated"}),
-                     "harmless_kl": (("layer", "pos"), kl.patched.mean("prompt").values.reshape(shape),
+                     "harmless_kl": (("layer", "pos"), mean(kl),
                                      {"units": "nats", "long_name": "KL(harmless || harmless, direction ablated)"})},
                     coords={"layer": layers, "pos": directions.pos.values},
-                    attrs={"harmful_refusal_score": float(ablated.clean.mean()),
-                           "harmless_refusal_score": float(ablated.corrupted.mean()), "kl_max": config.kl_max})
+                    attrs={"harmful_refusal_score": float(ablated[0].clean.mean()),
+                           "harmless_refusal_score": float(ablated[0].corrupted.mean()), "kl_max": config.kl_max})
     allowed = ds.ablated_refusal_score.where(ds.harmless_kl < config.kl_max)
     pick = allowed if bool(allowed.notnull().any()) else ds.ablated_refusal_score
     best = pick.stack(c=("layer", "pos")).dropna("c").idxmin("c").item()
@@ -185,6 +191,28 @@ def minimal_size(curve: xr.Dataset, target: float) -> tuple[int, bool]:
     if good.size:
         return int(good.n_edges.min()), True
     return int(curve.n_edges[int(abs(f - 1).argmin())]), False
+
+
+def refine_curve(model, dataset, scores: xr.Dataset, curve: xr.Dataset, target: float, *,
+                 rel: float = 0.02) -> xr.Dataset:
+    """`curve` with more sizes, bisected between the minimal size (`minimal_size`) and the largest
+    smaller size of `curve`, until they are within ``rel`` of each other: the minimal size of the
+    result is the smallest found (the curve need not be monotone, so a smaller faithful size may exist)."""
+    k, reached = minimal_size(curve, target)
+    below = curve.n_edges.where(curve.n_edges < k, drop=True)
+    if not reached or not below.size:
+        return curve
+    lo, hi, points = int(below.max()), k, [curve]
+    while hi - lo > max(1, int(rel * hi)):
+        mid = (lo + hi) // 2
+        point = pl.faithfulness_curve(model, dataset, scores, sizes=[mid], metric="log_odds", progress=False)
+        points.append(point)
+        if abs(float(point.faithfulness[0]) - 1) <= 1 - target:
+            hi = mid
+        else:
+            lo = mid
+    return xr.concat(points, "n_edges", data_vars="minimal", coords="minimal", compat="override",
+                     combine_attrs="override").sortby("n_edges")
 
 
 def circuit_nodes(circuit: Circuit) -> dict:
@@ -285,6 +313,8 @@ def main(config: Config, model=None) -> dict:
         sizes = sorted({0, *[int(k) for k in np.unique(np.round(np.geomspace(1, len(ranked_edges), 18)))]})
         curve = run.step("curve_eap_ig_test", lambda: pl.faithfulness_curve(model, circuit_test, scores, sizes=sizes,
                                                                         metric="log_odds", progress=False))
+        curve = run.step("curve_eap_ig_test_refined", lambda: refine_curve(model, circuit_test, scores, curve,
+                                                                           config.target))
         k, reached = minimal_size(curve, config.target)
         minimal = Circuit.top_k(scores, k)
         acdc_ds = run.load_dataset("circuit_acdc")

@@ -67,7 +67,8 @@ def test_the_experiment_writes_every_step_and_a_resumed_run_recomputes_nothing(s
     expected = {f"sweep_{site}_{d}.nc" for site in script.SITES for d in script.DIRECTIONS}
     expected |= {f"heads_{d}.nc" for d in script.DIRECTIONS}
     expected |= {"directions.nc", "direction_selection.nc", "scores_eap_ig.nc", "scores_exact_sample.nc",
-                 "agreement_eap_ig.nc", "curve_eap_ig_test.nc", "faithfulness_test.nc", "circuit_minimal.nc",
+                 "agreement_eap_ig.nc", "curve_eap_ig_test.nc",
+                 "curve_eap_ig_test_refined.nc", "faithfulness_test.nc", "circuit_minimal.nc",
                  "circuit_minimal.json", "circuit_acdc.nc", "circuit_acdc.json", "layer_ranking.json",
                  "manifest.json"}
     expected |= {f"generations_{g}.jsonl" for g in ("harmful_baseline", "harmful_direction_ablated",
@@ -92,7 +93,9 @@ def test_the_experiment_writes_every_step_and_a_resumed_run_recomputes_nothing(s
     assert float(pick.sel(layer=facts["direction_layer"], pos=facts["direction_pos"])) == float(pick.min())
 
     # the minimal circuit is the smallest curve size within [target, 2 - target], or the closest to 1
-    curve = xr.load_dataset(folder / "curve_eap_ig_test.nc")
+    coarse, curve = (xr.load_dataset(folder / f"{name}.nc") for name in ("curve_eap_ig_test",
+                                                                          "curve_eap_ig_test_refined"))
+    assert set(coarse.n_edges.values) <= set(curve.n_edges.values)
     within = [int(k) for k, f in zip(curve.n_edges.values, curve.faithfulness.values) if abs(f - 1) <= 0.2]
     closest = int(curve.n_edges.values[np.argmin(abs(curve.faithfulness.values - 1))])
     assert facts["minimal_circuit_edges"] == (min(within) if within else closest)
@@ -118,6 +121,16 @@ def test_minimal_size_is_the_smallest_faithful_size_or_the_closest(script):
     assert script.minimal_size(curve([0.0, 0.5, 2.75, 0.85, 1.0]), 0.8) == (10, True)  # 2.75 overshoots
     assert script.minimal_size(curve([0.0, 0.5, 1.19, 0.85, 1.0]), 0.8) == (3, True)
     assert script.minimal_size(curve([0.0, 0.5, 1.4, 0.7, 1.3]), 0.8) == (10, False)
+
+
+def test_refined_curve_bisects_to_the_smallest_faithful_size(script, monkeypatch):
+    # faithfulness of the top k edges: k / 100 (monotone), target 0.8: the smallest faithful size is 80
+    curve = lambda ks: xr.Dataset({"faithfulness": ("n_edges", [k / 100 for k in ks])},  # noqa: E731
+                                  coords={"n_edges": ks})
+    monkeypatch.setattr(pl, "faithfulness_curve", lambda model, dataset, scores, sizes, **kw: curve(sizes))
+    refined = script.refine_curve(None, None, None, curve([0, 10, 50, 100]), 0.8, rel=0.0)
+    assert script.minimal_size(refined, 0.8) == (80, True)
+    assert {0, 10, 50, 100} <= set(refined.n_edges.values)
 
 
 def test_layer_ranking_normalises_each_prompt_by_the_mean_gap(script):
