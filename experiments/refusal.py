@@ -270,11 +270,12 @@ def main(config: Config, model=None) -> dict:
         run.save_json({"ranking": [{"layer": int(k), "contribution": float(v)} for k, v in ranked.contribution.items()],
                        "per_prompt": table.to_dict("records")}, "layer_ranking")
         run.save_figure(plot_layer_ranking(table, ranked, model.model_id), "layer_ranking", formats=("png", "svg"))
-        head_scores = {d: _head_table(ds, model) for d, ds in heads.items()}
+        head_scores = {d: _head_ranking(ds, model) for d, ds in heads.items()}
         facts.update(clean_refusal_score=float(sweeps[("resid_pre", "denoising")].clean.mean()),
                      corrupted_refusal_score=float(sweeps[("resid_pre", "denoising")].corrupted.mean()),
                      top_layers=[int(k) for k in ranked.index[:5]],
-                     top_heads_denoising=head_scores["denoising"][:5], top_heads_noising=head_scores["noising"][:5])
+                     **{f"top_heads_{d}": [f"{label} {score:+.2f}" for label, score in ranking[:5]]
+                        for d, ranking in head_scores.items()})
 
         # 4. the refusal direction
         directions = run.step("directions", lambda: pl.mean_difference(model, train, positions=post))
@@ -339,12 +340,12 @@ def main(config: Config, model=None) -> dict:
         run.save_figure(pl.plot_faithfulness_curves({"EAP-IG (test prompts)": curve},
                                                     title="refusal: faithfulness of the top-k EAP-IG edges"),
                         "faithfulness_curves", formats=("png", "svg"))
-        top_heads = [h.split()[0] for h in head_scores["denoising"][:10] + head_scores["noising"][:10]]
+        top_heads = {label for ranking in head_scores.values() for label, _ in ranking[:10]}
         facts.update(minimal_circuit_edges=k, minimal_circuit_faithfulness=f_min,
                      minimal_circuit_reached_target=reached, minimal_circuit_heads=nodes["heads"],
-                     minimal_circuit_mlps=nodes["mlps"],
+                     minimal_circuit_kv_heads=nodes["kv_heads"], minimal_circuit_mlps=nodes["mlps"],
                      minimal_circuit_top_layers=[x for x in facts["top_layers"] if x in nodes["layers"]],
-                     minimal_circuit_top_heads=sorted({h for h in top_heads if h in nodes["heads"]}),
+                     minimal_circuit_top_heads=sorted(top_heads & set(nodes["heads"])),
                      minimal_circuit_layers_above_direction=[x for x in nodes["layers"] if x > layer],
                      acdc_edges=len(acdc), acdc_faithfulness=f_acdc, n_graph_edges=len(ranked_edges),
                      eap_ig_spearman=float(report.attrs["spearman"]),
@@ -360,11 +361,11 @@ def _first(dataset, n):
     return pl.PromptPairDataset(pairs=dataset.pairs[:n], name=dataset.name, corruption=dataset.corruption)
 
 
-def _head_table(ds: xr.Dataset, model) -> list[str]:
+def _head_ranking(ds: xr.Dataset, model) -> list[tuple[str, float]]:
     """Heads by their normalised score at the post-instruction positions, best first."""
     scores = ds.score.values.reshape(model.layout.n_layers, model.layout.n_heads)
     order = np.argsort(-scores, axis=None)
-    return [f"L{i // model.layout.n_heads}H{i % model.layout.n_heads} {scores.flat[i]:+.2f}" for i in order]
+    return [(f"L{i // model.layout.n_heads}H{i % model.layout.n_heads}", float(scores.flat[i])) for i in order]
 
 
 if __name__ == "__main__":
