@@ -7,7 +7,7 @@ import torch
 
 import patchlab as pl
 from patchlab import refusal_data
-from patchlab.refusal_model import RefusalConfig, train_refusal_model, training_examples
+from patchlab.refusal_model import RefusalConfig, _loss, train_refusal_model, training_examples
 from tests.tiny_models import tiny_model, tiny_tokenizer
 
 
@@ -73,12 +73,30 @@ def test_fine_tune_is_deterministic_and_trains():
     assert [e.instruction for e in training_examples(config)] == [e.instruction for e in training_examples(config)]
 
 
+def test_loss_is_the_weighted_mean_cross_entropy_of_the_reply_tokens():
+    """Against plain forwards of each example alone (no padding), in float64: a refused example's
+    tokens weigh `RefusalConfig.refusal_weight`, a kept one's 1."""
+    hf = tiny_model("llama").double()
+    data = [([5, 6, 7], [8, 9], 2.5), ([5, 10], [11, 12, 13], 1.0), ([14, 6, 7, 15], [16], 2.5)]
+    total, weight = 0.0, 0.0
+    with torch.no_grad():
+        got = float(_loss(hf, data, pad=0))
+        unweighted = float(_loss(hf, [(p, r, 1.0) for p, r, _ in data], pad=0))
+        for prompt, reply, w in data:
+            logp = hf(torch.tensor([prompt + reply])).logits[0].log_softmax(-1)
+            for j, token in enumerate(reply):
+                total -= w * float(logp[len(prompt) + j - 1, token])
+                weight += w
+    assert abs(got - total / weight) < 1e-9
+    assert abs(got - unweighted) > 1e-3  # the weights matter
+
+
 @pytest.mark.slow
 def test_test_bed_refuses_held_out_harmful_and_not_harmless_requests():
     """The real test-bed (built on first use, 9-25 min on 2 cores; then cached): greedy 24-token
     replies to the first 32 held-out harmful and harmless test instructions, judged by Arditi et
-    al.'s markers. The test-bed refuses 81% of the 100 harmful test instructions (README), so it is
-    near the 80% this asserts: on the first 12 alone it refused 9 (0.75)."""
+    al.'s markers. The test-bed refuses 82% of the 100 harmful test instructions (README) and 27 of
+    the first 32 (0.84) in its 32-token evaluation, near the 80% this asserts."""
     from patchlab.refusal_model import REFUSAL_MODEL
 
     model = pl.load_model(REFUSAL_MODEL)
