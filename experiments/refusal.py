@@ -73,8 +73,8 @@ class Config:
     max_new_tokens: int = 24
     kl_max: float = 0.5
     """Largest KL (nats) on harmless val prompts that a selected direction's ablation may cause. Arditi et
-    al. use 0.1 on 1.8B-72B models; on the 135M test-bed the best 0.1-KL candidate (L15, first
-    post-instruction token) lowered harmful refusal only from 0.81 to 0.72 (see README)."""
+    al. use 0.1 on 1.8B-72B models; on the 135M test-bed the best 0.1-KL candidate (L9, second
+    post-instruction token) lowers the harmful val refusal score only to -1.85 nats, against -6.51 (see README)."""
     max_layer_frac: float = 0.8
     """Directions are taken from the first fraction of the layers (Arditi et al. drop the last 20%)."""
     n_circuit: int = 6
