@@ -93,12 +93,13 @@ def test_loss_is_the_weighted_mean_cross_entropy_of_the_reply_tokens():
 
 @pytest.mark.slow
 def test_test_bed_refuses_held_out_harmful_and_not_harmless_requests():
-    """The real test-bed (built on first use, 9-25 min on 2 cores; then cached): greedy 24-token
+    """The real test-bed (built on first use without its evaluation, 9-20 min on 2 cores; then cached): greedy 24-token
     replies to the first 32 held-out harmful and harmless test instructions, judged by Arditi et
     al.'s markers. The test-bed refuses 82% of the 100 harmful test instructions (README) and 27 of
     the first 32 (0.84) in its 32-token evaluation, near the 80% this asserts."""
-    from patchlab.refusal_model import REFUSAL_MODEL
+    from patchlab.refusal_model import REFUSAL_MODEL, refusal_model_path
 
+    refusal_model_path(evaluate=False, progress=False)  # on a cold cache, build without the ~6-min evaluation
     model = pl.load_model(REFUSAL_MODEL)
     rates = {}
     for kind in ("harmful", "harmless"):
