@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import time
 
 import torch
 
@@ -31,18 +30,12 @@ from patchlab.exact import exact_edge_scores
 from patchlab.graph import Graph
 from patchlab.metrics import Metric, Targets
 
-from bench_head_sweep import gpt2_small_shaped, random_dataset
-
-
-def timed(fn):
-    start = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - start
+from benchlib import gpt2_small_shaped, plain_forwards, random_dataset, timed
 
 
 def best_of(n: int, fn) -> float:
     """The fastest of `n` runs, in seconds (the least disturbed by other work on the machine)."""
-    return min(timed(fn)[1] for _ in range(n))
+    return min(timed(fn)[0] for _ in range(n))
 
 
 def plain_forward_backward(model: pl.PatchModel, tokens) -> None:
@@ -51,12 +44,6 @@ def plain_forward_backward(model: pl.PatchModel, tokens) -> None:
     embeds = hf.get_input_embeddings()(tokens.clean_ids).detach().requires_grad_(True)
     logits = hf(inputs_embeds=embeds, logits_to_keep=1).logits[:, -1]
     Metric.LOGIT_DIFF(logits, Targets(correct=tokens.correct_ids, incorrect=tokens.incorrect_ids)).sum().backward()
-
-
-def plain_forwards(model: pl.PatchModel, tokens, n: int) -> None:
-    with torch.no_grad():
-        for _ in range(n):
-            model.hf(tokens.clean_ids, logits_to_keep=1)
 
 
 def bench(model: pl.PatchModel, dataset: pl.PromptPairDataset, sample: int) -> None:
@@ -70,17 +57,17 @@ def bench(model: pl.PatchModel, dataset: pl.PromptPairDataset, sample: int) -> N
     print(f"  forward+backward {t_fb:7.2f} s | EAP {t_eap:7.2f} s = {t_eap / t_fb:5.2f}x (target <= 3x) | "
           f"EAP-IG(5) {t_ig:7.2f} s = {t_ig / t_fb:5.2f}x")
     edges = random.Random(0).sample(list(graph.edges()), sample)
-    _, t_exact = timed(lambda: exact_edge_scores(model, dataset, edges=edges, progress=False))
-    _, t_plain = timed(lambda: plain_forwards(model, tokens, sample))
+    t_exact, _ = timed(lambda: exact_edge_scores(model, dataset, edges=edges, progress=False))
+    t_plain, _ = timed(lambda: plain_forwards(model, tokens.clean_ids, sample, logits_to_keep=1))
     print(f"  exact, {sample} edges {t_exact:7.2f} s | {sample} plain forwards {t_plain:7.2f} s | "
           f"ratio {t_exact / t_plain:5.2f} | every edge: ~{t_exact / sample * graph.n_edges / 60:6.1f} min")
 
 
 def bench_acdc(model: pl.PatchModel, n_prompts: int, candidates: int) -> None:
     dataset = pl.ioi_dataset(model.tokenizer, n_prompts=n_prompts, corruption="abc", seed=0)
-    scores, t_ig = timed(lambda: eap_ig(model, dataset, steps=5))
+    t_ig, scores = timed(lambda: eap_ig(model, dataset, steps=5))
     top = rank_edges(scores)[:candidates]
-    circuit, t_acdc = timed(lambda: acdc(model, dataset, tau=0.05, metric="logit_diff", candidates=top,
+    t_acdc, circuit = timed(lambda: acdc(model, dataset, tau=0.05, metric="logit_diff", candidates=top,
                                          progress=False))
     n = circuit.scores.attrs["n_evaluated"]
     print(f"  ACDC on IOI (logit diff, tau 0.05) over the top {candidates} EAP-IG edges: {t_acdc:7.2f} s, {n} evaluations "

@@ -18,40 +18,13 @@ compare the ratios of one run, not absolute times across runs.
 from __future__ import annotations
 
 import argparse
-import time
 
 import nnsight
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from benchlib import gpt2_small_shaped, plain_forwards, random_dataset, timed
 
 import patchlab as pl
 from patchlab.components import Site
-
-
-def gpt2_small_shaped():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    torch.manual_seed(0)
-    hf = GPT2LMHeadModel(GPT2Config()).eval()  # 12 layers, 12 heads, d_model 768, vocab 50257
-    vocab = {"<unk>": 0, **{f"w{i}": i + 1 for i in range(999)}}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<unk>", eos_token="<unk>")
-    return pl.load_model(hf, tokenizer=tokenizer, model_id="gpt2-small-shaped (random)")
-
-
-def random_dataset(n_prompts: int, n_pos: int, seed: int = 0) -> pl.PromptPairDataset:
-    g = torch.Generator().manual_seed(seed)
-    pairs = []
-    for _ in range(n_prompts):
-        words = torch.randint(1, 999, (n_pos,), generator=g)
-        corrupted = words.clone()
-        corrupted[n_pos // 2] = (words[n_pos // 2] + 1) % 998 + 1
-        pairs.append(pl.PromptPair(clean=" ".join(f"w{i}" for i in words.tolist()),
-                                   corrupted=" ".join(f"w{i}" for i in corrupted.tolist()),
-                                   correct="w1", incorrect="w2", positions={}))
-    return pl.PromptPairDataset(pairs=pairs, name="random")
 
 
 def naive_loop(model: pl.PatchModel, tokens) -> torch.Tensor:
@@ -74,25 +47,13 @@ def naive_loop(model: pl.PatchModel, tokens) -> torch.Tensor:
     return torch.stack(out)
 
 
-def plain_forwards(model: pl.PatchModel, tokens) -> None:
-    with torch.no_grad():
-        for _ in range(model.layout.n_layers * model.layout.n_heads):
-            model.hf(tokens.corrupted_ids)
-
-
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def bench(model: pl.PatchModel, dataset: pl.PromptPairDataset) -> None:
     tokens = dataset.tokenize(model.tokenizer)
     pl.patch_heads(model, dataset, layers=[0], progress=False)  # warm-up
-    t_patchlab = timed(lambda: pl.patch_heads(model, dataset, progress=False))
-    t_naive = timed(lambda: naive_loop(model, tokens))
-    t_plain = timed(lambda: plain_forwards(model, tokens))
     rows = model.layout.n_layers * model.layout.n_heads
+    t_patchlab = timed(lambda: pl.patch_heads(model, dataset, progress=False))[0]
+    t_naive = timed(lambda: naive_loop(model, tokens))[0]
+    t_plain = timed(lambda: plain_forwards(model, tokens.corrupted_ids, rows))[0]
     print(f"\n{model.model_id}: {rows} heads, {tokens.n_prompts} prompts x {tokens.n_pos} tokens, "
           f"{torch.get_num_threads()} threads")
     print(f"  patchlab patch_heads       {t_patchlab:7.2f} s")

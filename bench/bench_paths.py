@@ -25,7 +25,7 @@ import patchlab.kernels.paths as kpaths
 from patchlab.graph import Node, NodeKind
 from patchlab.paths import path_patch_heads
 
-from bench_head_sweep import gpt2_small_shaped, random_dataset
+from benchlib import gpt2_small_shaped, random_dataset
 
 
 def bench(model: pl.PatchModel, dataset: pl.PromptPairDataset) -> None:

@@ -6,14 +6,19 @@ same weights and tokens, interleaved, medians of ``--rounds`` rounds:
 1. patchlab: `patch_heads` (all positions) and `patch_layer_pos` (``resid_pre``, layer x position);
 2. TransformerLens 4.3 through its `TransformerBridge` (raw weights, no compatibility mode), one
    ``run_with_hooks`` per component, the prompts batched, as its patching helpers do;
-3. the naive floor: one plain ``transformers`` forward pass per component, no patching at all.
+3. the naive floor: one plain ``transformers`` forward pass per component, no patching at all
+   (also printed: the same with last-position logits only, ``logits_to_keep=1``).
 
 It checks that patchlab's values equal TransformerLens' (max |difference| in nats, printed), then
-prints seconds and the ratios to the goals of issue 15 (head sweep <= 0.32x the floor and >= 3x
-faster than TransformerLens; resid layer x position <= 0.25x and >= 4x). Not a test: compare the
-ratios of one run. TransformerLens is not a core dependency: ``pip install -e '.[bench]'``.
+prints seconds, patchlab's peak resident memory above its start (sampled from ``/proc``) and the
+ratios to the goals of issue 15 (head sweep <= 0.32x the floor and >= 3x faster than
+TransformerLens; resid layer x position <= 0.25x and >= 4x; memory under 1 GiB above the model).
+TransformerLens 4.3 has no attribution patching of its own (only a tutorial notebook), so EAP is
+not compared here (`bench/bench_circuits.py` times it against a forward+backward pass). Not a
+test: compare the ratios of one run. TransformerLens is not a core dependency:
+``pip install -e '.[bench]'``.
 
-    python bench/bench_peers.py [--prompts 8] [--rounds 3] [--smollm2]
+    python bench/bench_peers.py [--prompts 8] [--rounds 3] [--models gpt2,smollm2]
 """
 
 from __future__ import annotations
@@ -22,12 +27,11 @@ import argparse
 import copy
 import os
 import statistics
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the bridge is built from the model in memory
 
 import torch  # noqa: E402
-from bench_head_sweep import gpt2_small_shaped, random_dataset  # noqa: E402
+from benchlib import PeakMemory, gpt2_small_shaped, model_bytes, plain_forwards, random_dataset, timed  # noqa: E402
 
 import patchlab as pl  # noqa: E402
 
@@ -76,18 +80,6 @@ def resid_edits(lay, n_pos):
             for layer in range(lay.n_layers) for pos in range(n_pos)]
 
 
-@torch.no_grad()
-def floor(model: pl.PatchModel, tokens, n_rows: int) -> None:
-    for _ in range(n_rows):
-        model.hf(tokens.corrupted_ids)
-
-
-def timed(fn):
-    start = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - start, out
-
-
 def bench(model: pl.PatchModel, dataset: pl.PromptPairDataset, rounds: int) -> None:
     tokens = dataset.tokenize(model.tokenizer)
     lay, n_pos = model.layout, tokens.n_pos
@@ -104,33 +96,108 @@ def bench(model: pl.PatchModel, dataset: pl.PromptPairDataset, rounds: int) -> N
     }
     pl.patch_heads(model, dataset, layers=[0], progress=False)  # warm-up
     print(f"\n{model.model_id}: {tokens.n_prompts} prompts x {n_pos} tokens, {torch.get_num_threads()} threads, "
-          f"medians of {rounds} interleaved rounds")
+          f"medians of {rounds} interleaved rounds; weights {model_bytes(model) / 2**20:.0f} MiB")
+    ids = tokens.corrupted_ids
     for name, (ours, theirs, n_rows, (floor_goal, tl_goal)) in sweeps.items():
-        times = {"patchlab": [], "TransformerLens": [], "floor": []}
+        times = {"patchlab": [], "TransformerLens": [], "floor": [], "floor, last logits": []}
+        peak = 0
         for _ in range(rounds):
-            t, ours_v = timed(ours)
+            with PeakMemory() as memory:
+                t, ours_v = timed(ours)
+            peak = max(peak, memory.bytes)
             times["patchlab"].append(t)
             t, theirs_v = timed(theirs)
             times["TransformerLens"].append(t)
-            times["floor"].append(timed(lambda: floor(model, tokens, n_rows))[0])
+            times["floor"].append(timed(lambda: plain_forwards(model, ids, n_rows))[0])
+            times["floor, last logits"].append(timed(lambda: plain_forwards(model, ids, n_rows, logits_to_keep=1))[0])
         med = {k: statistics.median(v) for k, v in times.items()}
         diff = float((torch.as_tensor(ours_v, dtype=torch.float64) - theirs_v.double()).abs().max())
         print(f"  {name} ({n_rows} rows): patchlab {med['patchlab']:.2f} s, TransformerLens "
-              f"{med['TransformerLens']:.2f} s, floor {med['floor']:.2f} s; values agree within {diff:.1e} nats")
-        print(f"    patchlab / floor {med['patchlab'] / med['floor']:.2f} (goal <= {floor_goal}), "
+              f"{med['TransformerLens']:.2f} s, floor {med['floor']:.2f} s (last-position logits only: "
+              f"{med['floor, last logits']:.2f} s); values agree within {diff:.1e} nats; patchlab's peak memory "
+              f"{peak / 2**20:.0f} MiB above its start (goal < 1024 MiB)")
+        print(f"    patchlab / floor {med['patchlab'] / med['floor']:.3f} (goal <= {floor_goal}; "
+              f"{med['patchlab'] / med['floor, last logits']:.3f} of the last-logits floor), "
               f"TransformerLens / patchlab {med['TransformerLens'] / med['patchlab']:.2f} (goal >= {tl_goal})")
+
+
+def tl_edge_label(writer, reader) -> str:
+    """patchlab's label (`patchlab.graph.Edge.label`) of a TransformerLens attribution edge, positions dropped."""
+    sender = {"embed": "embed", "attn_head_out": f"L{writer.layer}H{writer.head}",
+              "mlp_out": f"L{writer.layer}.mlp"}[writer.kind]
+    into = {"q_input": f"L{reader.layer}H{reader.head}.q", "k_input": f"L{reader.layer}H{reader.head}.k",
+            "v_input": f"L{reader.layer}H{reader.head}.v", "mlp_in": f"L{reader.layer}.mlp",
+            "logits": "logits"}[reader.kind]
+    return f"{sender}->{into}"
+
+
+def bench_eap(model: pl.PatchModel, dataset: pl.PromptPairDataset, rounds: int) -> None:
+    """patchlab's EAP (denoising, all-token edges) against TransformerLens' ``attribution_patch`` at edge
+    granularity, whose position-specific edge scores summed over positions are the same estimate."""
+    from transformer_lens.tools.analysis.attribution_patching import EdgeAttributionConfig, attribution_patch
+
+    tokens = dataset.tokenize(model.tokenizer)
+    bridge = bridge_of(model)
+    if len(set(tokens.correct_ids.tolist())) > 1 or len(set(tokens.incorrect_ids.tolist())) > 1:
+        print("  EAP: skipped (TransformerLens' metric sees one example's logits, not its answers: needs one "
+              "answer pair for every prompt)")
+        return
+    c, i = int(tokens.correct_ids[0]), int(tokens.incorrect_ids[0])
+
+    def theirs():
+        return attribution_patch(bridge, tokens.clean_ids, tokens.corrupted_ids,
+                                 lambda logits: logits[0, -1, c] - logits[0, -1, i], EdgeAttributionConfig("edge"))
+
+    def ours():
+        return pl.eap(model, dataset, direction="denoising")
+
+    try:
+        theirs()
+    except (ValueError, NotImplementedError) as error:  # e.g. grouped-query attention
+        print(f"  EAP: TransformerLens' attribution_patch refuses this model: {error}")
+        return
+    ours()  # warm-up
+    t_ours, t_theirs = [], []
+    for _ in range(rounds):
+        t, ours_v = timed(ours)
+        t_ours.append(t)
+        t, theirs_v = timed(theirs)
+        t_theirs.append(t)
+    summed = {}
+    for (writer, reader), score in theirs_v.edge_scores.items():
+        label = tl_edge_label(writer, reader)
+        summed[label] = summed.get(label, 0.0) + score
+    mine = dict(zip(ours_v.edge.values.tolist(), ours_v.score.values.tolist()))
+    common = sorted(set(summed) & set(mine))
+    diff = max(abs(summed[e] - mine[e]) for e in common)
+    scale = max(abs(v) for v in mine.values())
+    med_ours, med_theirs = statistics.median(t_ours), statistics.median(t_theirs)
+    print(f"  EAP, {len(mine)} edges (TransformerLens: {len(theirs_v.edge_scores)} position-specific, {len(common)} "
+          f"in common after summing positions): patchlab {med_ours:.2f} s, TransformerLens {med_theirs:.2f} s "
+          f"({med_theirs / med_ours:.1f}x); scores agree within {diff:.1e} nats (largest |score| {scale:.2f})")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--smollm2", action="store_true", help="also run on SmolLM2-135M (IOI prompts)")
+    parser.add_argument("--models", default="gpt2", help="comma-separated: gpt2 (GPT-2-small-shaped, random "
+                        "weights, 16-token prompts), smollm2 (SmolLM2-135M, IOI prompts; the bridge boots it as Llama)")
+    parser.add_argument("--skip-eap", action="store_true", help="skip the EAP comparison")
+    parser.add_argument("--eap-only", action="store_true", help="only the EAP comparison")
     args = parser.parse_args()
-    bench(gpt2_small_shaped(), random_dataset(args.prompts, 16), args.rounds)
-    if args.smollm2:
-        model = pl.load_model("smollm2-135m")
-        bench(model, pl.ioi_dataset(model.tokenizer, n_prompts=args.prompts, seed=0), args.rounds)
+    for name in args.models.split(","):
+        if name == "gpt2":
+            model, dataset = gpt2_small_shaped(), random_dataset(args.prompts, 16)
+        elif name == "smollm2":
+            model = pl.load_model("smollm2-135m")
+            dataset = pl.ioi_dataset(model.tokenizer, n_prompts=args.prompts, seed=0)
+        else:
+            parser.error(f"unknown model {name!r}: use gpt2 or smollm2")
+        if not args.eap_only:
+            bench(model, dataset, args.rounds)
+        if not args.skip_eap:
+            bench_eap(model, dataset, args.rounds)
 
 
 if __name__ == "__main__":

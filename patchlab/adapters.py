@@ -127,7 +127,10 @@ class Adapter:
         """Module paths, head layout and sizes as a plain dict: what `patchlab.kernels` read
         inside traces (they cannot use this class on a server that lacks patchlab)."""
         o_proj = self.module(model, self.point(Site.HEAD, 0))
+        unembed = model.get_output_embeddings()
         return {**self._paths, "has_resid_mid": self.has_resid_mid(model.config), "post_norms": self.post_norms,
+                "unembed": next(name for name, m in model.named_modules() if m is unembed),
+                "final_softcap": getattr(model.config, "final_logit_softcapping", None),
                 "conv1d": type(o_proj).__name__ == "Conv1D", "arity": block_output_arity,
                 "n_layers": layout.n_layers, "n_heads": layout.n_heads, "n_kv_heads": layout.n_kv_heads,
                 "d_head": layout.d_head, "d_model": layout.d_model}

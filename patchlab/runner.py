@@ -27,6 +27,7 @@ from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
+from transformers import DynamicCache
 
 from .components import Component, Site, as_index
 from .interventions import Ablate, Ablation, At, Freeze, Intervention, Patch, ProjectOut, Scale, Steer, joint_set
@@ -37,8 +38,8 @@ from .positions import ALIGNMENT_HELP, PromptPositions, RunPositions
 from .remote import execute, resolve_remote, send_by_value
 
 __all__ = ["CachePass", "PatchResult", "run_rows", "patch_rows", "derangement", "length_buckets", "rows_per_chunk",
-           "chunk_rows", "chunk_progress", "pass_specs", "run_masks", "plan_writes", "check_intervention",
-           "value_source",
+           "chunk_rows", "column_chunks", "chunk_progress", "first_columns", "pass_specs", "run_masks", "plan_writes",
+           "check_intervention", "value_source",
            "gather_chunks", "check_range", "check_components", "checked_gap"]
 
 
@@ -133,17 +134,20 @@ def run_rows(model: PatchModel, *, passes: Sequence[CachePass], base: str, base_
             send_by_value(metric.fn)
     limit = max_rows or rows_per_chunk(model, n_prompts, n_pos, memory_mb)
     starts = [_start_layer(model, row) for row in rows]
-    chunks = chunk_rows(starts, limit)
+    cols = first_columns(rows, positions, base)
+    chunks = column_chunks(starts, cols, limit, n_prompts, n_pos)
+    chunk_cols = [min(cols[r] for r in chunk) for chunk in chunks]
     sites = {(Site.RESID_PRE, layer) for layer in set(starts) | {0}} | \
         {(i.component.site, i.component.layer) for row in rows for i in row if value_source(i, base)}
     spec = {"arch": model.arch(), "base": base, "base_ids": base_ids,
             "base_embeds": base_embeds, "metric": metric.spec, "kl_from": kl_from, "gap": gap,
             "targets": {"correct": targets.correct, "incorrect": targets.incorrect},
-            "runs": pass_specs(passes, sites), "base_mask": None if masks is None else masks[base], "masks": masks,
+            "runs": pass_specs(passes, sites, kv=base if any(chunk_cols) else None),
+            "base_mask": None if masks is None else masks[base], "masks": masks,
             "groups": length_buckets(positions[base].lengths, n_pos) if length_groups else None,
-            "chunks": [{"start": starts[chunk[0]], "n_rows": len(chunk),
+            "chunks": [{"start": starts[chunk[0]], "col": col, "n_rows": len(chunk),
                         "writes": plan_writes(model, [rows[r] for r in chunk], n_prompts, positions, base)}
-                       for chunk in chunks]}
+                       for chunk, col in zip(chunks, chunk_cols)]}
     with chunk_progress(model, remote, len(chunks), "patching", progress) as update:
         out = execute(model, kpatching.patch_program, spec, update, remote=remote)
     checked_gap(out["runs"], gap, metric)
@@ -310,11 +314,13 @@ def chunk_progress(model: PatchModel, remote, total: int, desc: str, enabled: bo
         yield bar.update
 
 
-def pass_specs(passes: Sequence[CachePass], sites) -> list[dict]:
+def pass_specs(passes: Sequence[CachePass], sites, kv: str | None = None) -> list[dict]:
     """The cache passes as the plain dicts kernel programs read, each caching `sites`
-    (``(Site, layer)`` pairs) in forward order."""
+    (``(Site, layer)`` pairs) in forward order, and the pass of run `kv` its keys and values too
+    (for passes over later positions only, `first_columns`)."""
     values = sorted({(site.value, layer) for site, layer in sites}, key=lambda sl: (sl[1], sl[0]))
-    return [{"names": p.names, "ids": p.ids, "sites": values, "noise": p.noise, "mask": p.mask} for p in passes]
+    return [{"names": p.names, "ids": p.ids, "sites": values, "noise": p.noise, "mask": p.mask,
+             "kv": DynamicCache if kv in p.names else None} for p in passes]
 
 
 def run_masks(passes: Sequence[CachePass]) -> dict[str, torch.Tensor] | None:
@@ -362,6 +368,49 @@ def chunk_rows(start_layers: Sequence[int], limit: float, weights: Sequence[floa
     return chunks
 
 
+PASS_TOKENS = 64
+"""What one more forward pass costs, in tokens of compute: a pass reads every weight of the blocks it
+runs once, whatever its batch (measured on a 2-core CPU, GPT-2 small: ~60 ms a pass plus ~1.3 ms a
+token, `bench/bench_peers.py`). `column_chunks` merges rows of nearby first columns while a merge
+costs fewer recomputed tokens than this."""
+
+
+def column_chunks(starts: Sequence[int], cols: Sequence[int], limit: int, n_prompts: int,
+                  width: int) -> list[list[int]]:
+    """Rows grouped into chunks that share a start layer, each running from the first column of its
+    rows (`first_columns`), at most `limit` rows each.
+
+    Within a start layer, rows are sorted by first column and cut into runs of consecutive columns
+    that minimise the estimated cost, ``PASS_TOKENS`` per pass plus ``n_prompts * (width - column)``
+    tokens per row (a dynamic program over the distinct columns); a run becomes as few chunks of at
+    most `limit` rows as it needs.
+    """
+    by_layer: dict[int, dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))
+    for r, (layer, col) in enumerate(zip(starts, cols)):
+        by_layer[layer][col].append(r)
+    chunks: list[list[int]] = []
+    for layer in sorted(by_layer):
+        columns = sorted(by_layer[layer])
+        counts = [len(by_layer[layer][c]) for c in columns]
+        best = [0.0] + [math.inf] * len(columns)  # best[j]: cost of the first j columns
+        cut = [0] * (len(columns) + 1)
+        for j in range(1, len(columns) + 1):
+            n = 0
+            for i in range(j, 0, -1):  # the last run: columns i-1 .. j-1, from column columns[i-1]
+                n += counts[i - 1]
+                cost = best[i - 1] + math.ceil(n / limit) * PASS_TOKENS + n * n_prompts * (width - columns[i - 1])
+                if cost < best[j]:
+                    best[j], cut[j] = cost, i - 1
+        runs, j = [], len(columns)
+        while j:
+            runs.append(columns[cut[j]:j])
+            j = cut[j]
+        for run in reversed(runs):
+            members = [r for c in run for r in by_layer[layer][c]]
+            chunks += [members[k:k + limit] for k in range(0, len(members), limit)]
+    return chunks
+
+
 def rows_per_chunk(model: PatchModel, n_prompts: int, n_pos: int, memory_mb: float) -> int:
     """Rows per forward pass that keep a rough estimate of activation memory under `memory_mb`.
 
@@ -375,6 +424,24 @@ def rows_per_chunk(model: PatchModel, n_prompts: int, n_pos: int, memory_mb: flo
     lay = model.layout
     bytes_per_sequence = 4 * n_pos * (16 * lay.d_model + 3 * lay.n_heads * n_pos) + 4 * 2 * lay.vocab_size
     return max(1, math.floor(memory_mb * 2**20 / (bytes_per_sequence * n_prompts)))
+
+
+def first_columns(rows: Sequence[Sequence[Intervention]], positions: PromptPositions, base: str) -> list[int]:
+    """Each row's first column of the base run that any of its interventions touches, over all prompts.
+
+    Under the causal mask, the columns before it hold the base run's values in every layer, so a
+    pass computes only the columns from there on and attends to the base run's cached keys and
+    values before them (`patchlab.kernels.patching.patch_chunk`; sliding-window layers too: the
+    cache keeps every key and the model's mask applies the window). 0 (every column) for a row that
+    touches an attention pattern: a row over key positions, which the cached keys do not carry.
+    """
+    out = []
+    for row in rows:
+        if any(i.component.site is Site.PATTERN for i in row):
+            out.append(0)
+            continue
+        out.append(min(int(_elements(positions[base], i.component, i.label, base)[1].min()) for i in row))
+    return out
 
 
 def _start_layer(model: PatchModel, row: Sequence[Intervention]) -> int:

@@ -189,8 +189,43 @@ def answer_values(values, ids):
     ids = ids.to(values.device)
     if ids.dim() == 1:
         return values.gather(-1, ids[:, None])[:, 0]
-    picked = values.gather(-1, ids.clamp(min=0)).masked_fill(ids < 0, float("-inf"))
-    return torch.logsumexp(picked, -1)
+    return _combined(values.gather(-1, ids.clamp(min=0)), ids)
+
+
+def _combined(picked, ids):
+    """Answer sets' values ``picked`` (``[batch, answer]``, -1 in `ids` for padding) combined by logsumexp."""
+    return torch.logsumexp(picked.masked_fill(ids < 0, float("-inf")), -1)
+
+
+def final_logits(nn, arch, hidden, ids=None):
+    """The model's logits from its final-norm outputs `hidden` (``[batch, d_model]``): the unembedding
+    (and Gemma's final soft cap), computed outside the forward pass so that many passes share one
+    matrix product. ``[batch, vocab]``; with answer `ids` (``[batch]`` or ``[batch, answer]``, -1
+    padding), only those tokens' logits, ``[batch]`` or ``[batch, answer]``."""
+    unembed = torch_module(module(nn, arch["unembed"]))
+    if ids is None:
+        logits = unembed(hidden)
+    else:
+        ids = ids.to(hidden.device)
+        rows = unembed.weight[ids.clamp(min=0)].to(hidden.dtype)  # [batch, (answer,) d_model]
+        logits = torch.einsum("bd,bkd->bk", hidden, rows if ids.dim() == 2 else rows[:, None])
+        if getattr(unembed, "bias", None) is not None:
+            logits = logits + unembed.bias[ids.clamp(min=0)].reshape(logits.shape).to(logits.dtype)
+        logits = logits if ids.dim() == 2 else logits[:, 0]
+    cap = arch.get("final_softcap")
+    return logits if not cap else torch.tanh(logits / cap) * cap
+
+
+def hidden_metric(nn, arch, name, hidden, targets):
+    """`metric` from final-norm outputs `hidden` (``[batch, d_model]``), `final_logits` of them: the
+    logit difference reads the answers' logits only (no product with the whole vocabulary)."""
+    if name != "logit_diff":
+        return metric(name, final_logits(nn, arch, hidden), targets)
+    values = []
+    for ids in (targets["correct"], targets["incorrect"]):
+        picked = upcast(final_logits(nn, arch, hidden, ids))
+        values.append(picked if ids.dim() == 1 else _combined(picked, ids.to(picked.device)))
+    return values[0] - values[1]
 
 
 def metric(name, logits, targets):
@@ -288,13 +323,17 @@ def cleared_block_input(nn, arch, layer, mask):
     return resid
 
 
-def cache_pass(nn, arch, ids, names, sites, embeds=None, mask=None):
+def cache_pass(nn, arch, ids, names, sites, embeds=None, mask=None, kv=None):
     """One forward pass over several runs stacked along the batch (``ids``: ``[run * prompt, pos]``).
 
     Records the activations at `sites` (``(site, layer)`` pairs) of each run, in canonical
     shape, and the final position's logits. With `embeds` (``[run * prompt, pos, d_model]``)
     the runs start from those block-0 inputs instead of their token embeddings. `mask`
-    (``[run * prompt, pos]``, True on real tokens) marks left padding (`padding`).
+    (``[run * prompt, pos]``, True on real tokens) marks left padding (`padding`). With `kv` (a KV-cache
+    class whose layers keep every key, transformers' ``DynamicCache``, sent by the client: kernels
+    import only torch) the keys and values every layer's attention caches are kept too, as ``(run,
+    "past_keys" | "past_values", layer)``: ``[prompt, kv_head, pos, d_head]`` (the KV-cache layout,
+    rotary embeddings applied), and the class as ``"kv_class"``.
 
     Returns ``{(run, site, layer): [prompt, ...]}`` plus ``{(run, "logits"): [prompt, vocab]}``.
     """
@@ -309,7 +348,8 @@ def cache_pass(nn, arch, ids, names, sites, embeds=None, mask=None):
             by_point.setdefault(point(arch, "resid_pre", layer), [])
     embed_point = point(arch, "resid_pre", 0)
     store = {}
-    with torch.no_grad(), nn.trace(ids, logits_to_keep=1, **padding(mask)):
+    options = {"cache": kv(), "use_cache": True} if kv else {}  # else the model's default, as a plain forward call
+    with torch.no_grad(), nn.trace(ids, logits_to_keep=1, **padding(mask), **options):
         for pt in sorted(by_point, key=lambda p: (p[0], p[3])):
             envoy = at(nn, arch, pt)
             if embeds is not None and pt == embed_point:
@@ -320,8 +360,13 @@ def cache_pass(nn, arch, ids, names, sites, embeds=None, mask=None):
             for site in by_point[pt]:
                 store[(site, pt[0])] = view(arch, site, raw).clone()
         store["logits"] = nn.output.logits[:, -1].clone()
+        if kv:
+            cache = nn.output.cache
+            for layer in range(arch["n_layers"]):
+                store[("past_keys", layer)] = cache.layers[layer].keys
+                store[("past_values", layer)] = cache.layers[layer].values
     n = ids.shape[0] // len(names)
-    out = {}
+    out = {"kv_class": kv} if kv else {}
     for (key, value) in store.items():
         for i, name in enumerate(names):
             part = value[i * n:(i + 1) * n]

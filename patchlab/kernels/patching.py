@@ -5,8 +5,8 @@ Torch-only (see the package docstring): this module runs on the server too.
 
 import torch
 
-from .common import (at, block, cache_pass, clear_padding, first, metric, padding, point, read, rep, repeat_targets,
-                     skip_value, stop_for_gap, unview, upcast, view, with_clean_logprobs, write)
+from .common import (at, block, cache_pass, clear_padding, first, hidden_metric, metric, module, padding, point, read,
+                     rep, skip_value, stop_for_gap, torch_module, unview, upcast, view, with_clean_logprobs, write)
 
 
 def cache_runs(nn, arch, runs):
@@ -16,7 +16,9 @@ def cache_runs(nn, arch, runs):
     ``sites`` (``(site, layer)`` pairs), optionally ``mask`` (``[run * prompt, pos]``, True on real
     tokens of left-padded prompts) and ``noise``: ``{"from": run, "start": pos,
     "eps": [prompt, n, d_model]}``, which starts the pass from run ``from``'s block-0 input
-    with ``eps`` added at positions ``start .. start + n - 1`` (causal tracing's corruption).
+    with ``eps`` added at positions ``start .. start + n - 1`` (causal tracing's corruption), and
+    ``kv`` (a KV-cache class, or None): also keep each run's keys and values at every layer
+    (`cache_pass`), which passes that compute later positions only attend to (`patch_chunk`).
     """
     acts = {}
     for run in runs:
@@ -26,14 +28,16 @@ def cache_runs(nn, arch, runs):
             embeds = acts[(noise["from"], "resid_pre", 0)].clone()
             stop = noise["start"] + noise["eps"].shape[1]
             embeds[:, noise["start"]:stop] += noise["eps"].to(embeds.device, embeds.dtype)
-        acts.update(cache_pass(nn, arch, run["ids"], run["names"], run["sites"], embeds, run.get("mask")))
+        acts.update(cache_pass(nn, arch, run["ids"], run["names"], run["sites"], embeds, run.get("mask"),
+                               run.get("kv")))
     return acts
 
 
 def patch_chunk(nn, arch, ids, n_rows, start, acts, base, writes, base_embeds=False, mask=None, masks=None,
-                groups=None):
+                groups=None, col=0):
     """`n_rows` copies of the base run (``ids``: ``[prompt, pos]``), row r intervened on as its plan
-    says: one forward pass per length group. Returns the final position's logits, ``[row * prompt, vocab]``.
+    says: one forward pass per length group. Returns the final position's final-norm output (the
+    unembedding's input, `final_logits`), ``[row * prompt, d_model]``.
 
     Args:
         start: blocks ``0..start-1`` are skipped, fed the base run's residual stream.
@@ -47,20 +51,25 @@ def patch_chunk(nn, arch, ids, n_rows, start, acts, base, writes, base_embeds=Fa
         groups: for left-padded prompts of different lengths, ``[(prompt indices, first column)]``:
             each group runs as its own pass over the columns from its first on (its padding to the
             longest prompt of the whole batch is not computed). None: one pass over everything.
+        col: the first column any row changes. Under the causal mask the columns before it are the
+            base run's in every layer, so the pass computes columns ``col..`` only and attends to the
+            base run's cached keys and values before them (``acts[(base, "past_keys" | "past_values",
+            layer)]``, `cache_pass` with ``kv``). 0: every column.
     """
     n_prompts = ids.shape[0]
-    if not groups:
+    if not groups and not col:
         return _patch_pass(nn, arch, ids, n_rows, start, acts, base, writes, base_embeds, mask, masks, None)
-    logits = None
-    for prompts, col in groups:
+    hidden = None
+    for prompts, group_col in groups or [(torch.arange(n_prompts), 0)]:
         sel = (torch.arange(n_rows)[:, None] * n_prompts + prompts[None, :]).flatten()
-        take = {"prompts": prompts, "sel": sel, "start": int(col), "n_batch": n_rows * n_prompts}
-        part = _patch_pass(nn, arch, ids[prompts, col:], n_rows, start, acts, base, taken_writes(writes, take),
-                           base_embeds, mask[prompts, col:], masks, take)
-        if logits is None:
-            logits = part.new_empty((n_rows * n_prompts,) + tuple(part.shape[1:]))
-        logits[sel.to(part.device)] = part
-    return logits
+        take = {"prompts": prompts, "sel": sel, "start": max(int(group_col), int(col)), "keys": int(group_col),
+                "n_batch": n_rows * n_prompts}
+        part = _patch_pass(nn, arch, ids[prompts], n_rows, start, acts, base, taken_writes(writes, take),
+                           base_embeds, None if mask is None else mask[prompts], masks, take)
+        if hidden is None:
+            hidden = part.new_empty((n_rows * n_prompts,) + tuple(part.shape[1:]))
+        hidden[sel.to(part.device)] = part
+    return hidden
 
 
 def taken_writes(writes, take):
@@ -96,17 +105,44 @@ def _base_rows(acts, key, n_rows, take):
 
 
 def _patch_pass(nn, arch, ids, n_rows, start, acts, base, writes, base_embeds, mask, masks, take):
-    """One forward pass of `patch_chunk` (over one length group when `take` is given)."""
-    batch = ids.repeat(n_rows, 1)
+    """One forward pass of `patch_chunk`: with `take`, over its prompts' columns from ``take["start"]``
+    on, attending to the cached keys and values of the columns ``take["keys"]..take["start"] - 1``."""
+    cols = 0 if take is None else take["start"]
+    keys = 0 if take is None else take["keys"]
+    batch = ids[:, cols:].repeat(n_rows, 1)
     skip = skip_value(arch, _base_rows(acts, (base, "resid_pre", start), n_rows, take)) if start else None
-    mask = None if mask is None else mask.repeat(n_rows, 1)
+    kwargs = {}
+    if mask is not None:  # over every key column: the cached ones and this pass's
+        kwargs = padding(mask[:, keys:].repeat(n_rows, 1))
+        kwargs["position_ids"] = kwargs["position_ids"][:, cols - keys:]
+        mask = mask[:, cols:].repeat(n_rows, 1)
+    if cols > keys:
+        kwargs.update(cache=past_cache(arch, acts, base, n_rows, take), use_cache=True)
+        if mask is None:  # nnsight would add a mask over this pass's columns only
+            kwargs.update(attention_mask=torch.ones(batch.shape[0], ids.shape[1] - keys, dtype=torch.long,
+                                                    device=ids.device),
+                          position_ids=torch.arange(cols, ids.shape[1], device=ids.device)[None])
     writes = planned_writes(arch, writes, start, mask, base_embeds)
-    with torch.no_grad(), nn.trace(batch, logits_to_keep=1, **padding(mask)):
+    with torch.no_grad(), nn.trace(batch, logits_to_keep=1, **kwargs):
         for layer in range(start):
             block(nn, arch, layer).skip(skip)
         apply_writes(nn, arch, writes, n_rows, acts, base, base_embeds, mask, masks, take)
-        logits = nn.output.logits[:, -1].clone()
-    return logits
+        unembed = module(nn, arch["unembed"])
+        hidden = unembed.input[:, -1].clone()
+        unembed.skip(hidden.new_zeros(hidden.shape[0], 1, 1))  # `final_logits`, after many passes
+    return hidden
+
+
+def past_cache(arch, acts, base, n_rows, take):
+    """A KV cache holding `n_rows` copies of the base run's keys and values (`cache_pass` with ``kv``)
+    at the columns ``take["keys"]..take["start"] - 1`` of ``take["prompts"]``, at every layer."""
+    cache = acts["kv_class"]()  # transformers' DynamicCache: its layers are made by `update`
+    lo, hi = take["keys"], take["start"]
+    for layer in range(arch["n_layers"]):
+        kv = [acts[(base, name, layer)] for name in ("past_keys", "past_values")]
+        kv = [rep(t[take["prompts"].to(t.device), :, lo:hi], n_rows) for t in kv]
+        cache.update(kv[0], kv[1], layer)
+    return cache
 
 
 def planned_writes(arch, writes, start, mask, base_embeds=False):
@@ -264,8 +300,8 @@ def source_value(acts, src, site, layer, n_rows, like, masks=None, take=None):
         index = index.to(like.device)
         trailing = value.shape[index.dim():]
         value = value.gather(1, index.reshape(index.shape + (1,) * len(trailing)).expand(*index.shape, *trailing))
-    if site == "pattern" and take is not None:  # key positions too
-        value = value[..., take["start"]:]
+    if site == "pattern" and take is not None:  # key positions too (a pass with cached keys never sets a pattern)
+        value = value[..., take.get("keys", take["start"]):]
     return value
 
 
@@ -294,7 +330,7 @@ def patch_program(nn, spec, progress=None):
     `spec`: ``arch``, ``runs`` (see `cache_runs`), ``base`` run name, ``base_ids``
     (``[prompt, pos]``), ``base_embeds``, ``metric`` (name), ``targets`` (``correct``,
     ``incorrect``: ``[prompt]``), ``kl_from`` (run whose logits are the KL reference) and
-    ``chunks``: ``[{"start", "n_rows", "writes"}]`` (``writes``: see `patch_chunk`). For left-padded
+    ``chunks``: ``[{"start", "n_rows", "writes", "col"}]`` (see `patch_chunk`; ``col`` optional). For left-padded
     prompts, ``base_mask`` (``[prompt, pos]``) and ``masks`` (``{run: [prompt, pos]}``), True on real
     tokens, and ``groups`` (optional, see `patch_chunk`). ``gap`` (optional): two run names; when
     their metrics leave no gap to normalise by (`stop_for_gap`), the program returns before its
@@ -309,15 +345,41 @@ def patch_program(nn, spec, progress=None):
             for key, logits in acts.items() if key[1] == "logits"}
     if stop_for_gap(spec, runs):
         return {"values": [], "runs": runs}
-    values = []
+    hidden = []
     for chunk in spec["chunks"]:
-        logits = patch_chunk(nn, arch, spec["base_ids"], chunk["n_rows"], chunk["start"], acts, spec["base"],
-                             chunk["writes"], spec["base_embeds"], spec.get("base_mask"), spec.get("masks"),
-                             spec.get("groups"))
-        values.append(metric(spec["metric"], logits, repeat_targets(targets, chunk["n_rows"])))
+        hidden.append(patch_chunk(nn, arch, spec["base_ids"], chunk["n_rows"], chunk["start"], acts, spec["base"],
+                                  chunk["writes"], spec["base_embeds"], spec.get("base_mask"), spec.get("masks"),
+                                  spec.get("groups"), chunk.get("col", 0)))
         if progress is not None:
             progress(1)
-    return {"values": values, "runs": runs}
+    return {"values": chunk_metrics(nn, arch, spec["metric"], hidden, targets), "runs": runs}
+
+
+PLAIN_METRICS = ("logit_diff", "logprob", "prob", "log_odds")
+"""The built-in metrics that do not read the clean run's log-probabilities (the KL metric does)."""
+
+LOGIT_ELEMENTS = 2**24
+"""Logits computed at once by `chunk_metrics` (rows times vocabulary): 64 MiB in float32."""
+
+
+def chunk_metrics(nn, arch, name, hidden, targets):
+    """The metric of every chunk's rows from their final-norm outputs (`patch_chunk`): the
+    unembedding runs over the rows of all chunks together, ``LOGIT_ELEMENTS`` logits at a time.
+    `targets` are per prompt; a chunk's batch is ``row * prompt + prompt``. ``[[row * prompt] per chunk]``."""
+    if not hidden:
+        return []
+    n_prompts = len(targets["correct"])
+    every = torch.cat(hidden)
+    prompt = torch.arange(len(every)) % n_prompts
+    vocab = torch_module(module(nn, arch["unembed"])).weight.shape[0]
+    step = max(n_prompts, LOGIT_ELEMENTS // vocab)
+    values = []
+    for lo in range(0, len(every), step):
+        idx = prompt[lo:lo + step]
+        part = {k: (None if v is None or (k == "clean_logprobs" and name in PLAIN_METRICS) else v[idx.to(v.device)])
+                for k, v in targets.items()}
+        values.append(hidden_metric(nn, arch, name, every[lo:lo + step], part))
+    return list(torch.cat(values).split([len(h) for h in hidden]))
 
 
 def answer_program(nn, arch, prompts, answers):
