@@ -40,7 +40,7 @@ def bridge_of(model: pl.PatchModel):
     """A TransformerLens bridge over a copy of the model (the bridge rewires the module it wraps)."""
     from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
 
-    hf = copy.deepcopy(model.hf).eval()
+    hf = copy.deepcopy(model.hf).eval().requires_grad_(True)  # patchlab freezes weights; TL's gradients need them
     arch = hf.config.architectures[0] if hf.config.architectures else "GPT2LMHeadModel"
     return build_bridge_from_module(hf, arch, hf_config=hf.config, tokenizer=None)
 
