@@ -397,6 +397,9 @@ def column_chunks(starts: Sequence[int], cols: Sequence[int], limit: int, n_prom
         for j in range(1, len(columns) + 1):
             n = 0
             for i in range(j, 0, -1):  # the last run: columns i-1 .. j-1, from column columns[i-1]
+                if counts[j - 1] * n_prompts * (columns[j - 1] - columns[i - 1]) > \
+                        math.ceil(counts[j - 1] / limit) * PASS_TOKENS:
+                    break  # column j-1 alone would cost less than it wastes here, and runs further left waste more
                 n += counts[i - 1]
                 cost = best[i - 1] + math.ceil(n / limit) * PASS_TOKENS + n * n_prompts * (width - columns[i - 1])
                 if cost < best[j]:
