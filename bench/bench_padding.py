@@ -4,9 +4,9 @@ Harmful against harmless instructions (``../shared/data/refusal/*_test.json``) i
 template (`pl.chat_pairs`), a layer x position sweep at the post-instruction positions. Timed side by
 side in one run:
 
-1. one batch: the whole dataset as one left-padded batch (`patchlab.runner.MAX_BUCKETS = 1`);
+1. one batch: the whole dataset as one left-padded batch (`patchlab.chunking.MAX_BUCKETS = 1`);
 2. length groups: what patchlab does by default: each chunk of rows runs one pass per group of
-   similar length (`patchlab.runner.length_buckets`), padded to its group's longest prompt only;
+   similar length (`patchlab.chunking.length_buckets`), padded to its group's longest prompt only;
 3. separate sweeps: the pairs split by hand into `--buckets` datasets of similar length, each its own
    sweep (for comparison: the same saving, but every sweep caches its runs again);
 4. matched: `match_lengths=True` pairs of equal lengths, for reference.
@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import patchlab as pl
-import patchlab.runner as runner
+import patchlab.chunking as chunking
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "refusal"
 
@@ -65,11 +65,11 @@ def main() -> None:
                          instructions("harmless", 600), match_lengths=True, **answers)
 
     sweep(model, buckets[0])  # warm up
-    groups = runner.length_buckets(tokens.corrupted_mask.sum(1), tokens.n_pos)
+    groups = chunking.length_buckets(tokens.corrupted_mask.sum(1), tokens.n_pos)
     group_tokens = sum(len(g) * (tokens.n_pos - col) for g, col in groups) if groups else tokens.corrupted_mask.numel()
-    default, runner.MAX_BUCKETS = runner.MAX_BUCKETS, 1
+    default, chunking.MAX_BUCKETS = chunking.MAX_BUCKETS, 1
     padded = sweep(model, dataset)
-    runner.MAX_BUCKETS = default
+    chunking.MAX_BUCKETS = default
     grouped = sweep(model, dataset)
     by_length = sum(sweep(model, b) for b in buckets)
     matched = sweep(model, pool)

@@ -51,7 +51,8 @@ from .metrics import Direction, Metric, get_metric
 from .models import PatchModel
 from .patching import pair_targets, require_paired_lengths, run_pair
 from .remote import execute, resolve_remote
-from .runner import checked_gap, chunk_progress, chunk_rows, gather_chunks, pass_specs, rows_per_chunk, run_masks
+from .chunking import chunk_rows, gather_chunks, rows_per_chunk
+from .runner import checked_gap, chunk_progress, pass_specs, run_masks
 
 __all__ = ["ABLATIONS", "graph_cache_sites", "edge_patch_rows", "local_graph_cache", "EdgeResult"]
 

@@ -33,8 +33,8 @@ from .kernels import paths as kpaths
 from .metrics import Metric, Targets
 from .models import PatchModel
 from .remote import execute
-from .runner import (CachePass, PatchResult, checked_gap, chunk_progress, chunk_rows, gather_chunks, pass_specs,
-                     rows_per_chunk, run_masks)
+from .chunking import chunk_rows, gather_chunks, rows_per_chunk
+from .runner import CachePass, PatchResult, checked_gap, chunk_progress, pass_specs, run_masks
 
 __all__ = ["path_cache_sites", "cache_path_runs", "path_patch_rows"]
 

@@ -112,7 +112,7 @@ def reference(model, clean, corrupted, rows, targets) -> torch.Tensor:
 @pytest.mark.parametrize("length_groups", [True, False], ids=["length groups", "one batch"])
 def test_padded_mixed_lengths_equal_each_prompt_alone(batch, length_groups):
     """Both ways of running the padded batch: one pass per length group (here each prompt its own,
-    `patchlab.runner.length_buckets`), and one pass over the whole batch."""
+    `patchlab.chunking.length_buckets`), and one pass over the whole batch."""
     model, clean, corrupted, targets = batch
     clean_ids, clean_mask = left_padded(clean)
     corrupted_ids, corrupted_mask = left_padded(corrupted)
@@ -135,7 +135,7 @@ def test_padded_mixed_lengths_equal_each_prompt_alone(batch, length_groups):
 
 def test_length_buckets_cut_where_padding_costs_more_than_a_pass():
     """Closed forms: the cheapest grouping of sorted lengths, counting a pass as 5% of the batch."""
-    from patchlab.runner import length_buckets
+    from patchlab.chunking import length_buckets
     groups = length_buckets(torch.tensor([11, 5, 8]), 11)
     assert [(g.tolist(), col) for g, col in groups] == [([1], 6), ([2], 3), ([0], 0)]  # 24 + 2 passes < 33
     assert length_buckets(torch.tensor([10, 10, 9]), 10) is None  # saving 1 token costs a pass of 1.5

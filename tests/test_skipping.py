@@ -15,12 +15,13 @@ import torch
 
 import patchlab as pl
 import patchlab.kernels.patching as kpatching
-import patchlab.runner as runner
+import patchlab.chunking as chunking
 from patchlab.components import Component as C
 from patchlab.interventions import Patch
 from patchlab.metrics import Metric
 from patchlab.positions import PromptPositions
-from patchlab.runner import column_chunks, first_columns
+from patchlab.chunking import column_chunks
+from patchlab.runner import first_columns
 
 from .precision import exact_atol
 from .test_interventions import answer_set_pairs
@@ -30,7 +31,7 @@ from .tiny_models import tiny_patch_model
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "gemma2"])
 def test_a_pass_computes_only_the_columns_from_its_first_patched_one(family, monkeypatch):
-    monkeypatch.setattr(runner, "PASS_TOKENS", 0)  # a pass costs nothing: rows of different columns never merge
+    monkeypatch.setattr(chunking, "PASS_TOKENS", 0)  # a pass costs nothing: rows of different columns never merge
     model = tiny_patch_model(family)
     dataset = random_pairs(model.hf.config.vocab_size)
     widths = []
@@ -75,7 +76,7 @@ def brute_force_cost(starts, cols, limit, n_prompts, width):
                     run = []
                 run.append(c)
             runs.append(run)
-            options.append(sum(math.ceil(sum(count[c] for c in r) / limit) * runner.PASS_TOKENS
+            options.append(sum(math.ceil(sum(count[c] for c in r) / limit) * chunking.PASS_TOKENS
                                + sum(count[c] for c in r) * n_prompts * (width - r[0]) for r in runs))
         best += min(options)
     return best
@@ -90,7 +91,8 @@ def test_column_chunks_cost_no_more_than_the_best_partition(seed):
     chunks = column_chunks(starts, cols, limit, n_prompts, width)
     assert sorted(r for chunk in chunks for r in chunk) == list(range(n_rows))
     assert all(len(chunk) <= limit and len({starts[r] for r in chunk}) == 1 for chunk in chunks)
-    cost = sum(runner.PASS_TOKENS + len(chunk) * n_prompts * (width - min(cols[r] for r in chunk)) for chunk in chunks)
+    cost = sum(chunking.PASS_TOKENS + len(chunk) * n_prompts * (width - min(cols[r] for r in chunk))
+               for chunk in chunks)
     assert cost <= brute_force_cost(starts, cols, limit, n_prompts, width)  # a split run starts later, if anything
 
 
