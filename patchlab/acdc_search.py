@@ -36,6 +36,7 @@ from ._io import atomic_write_text
 from .circuit import Circuit, edge_scores, score_attrs
 from .data import PromptPairDataset
 from .graph import Edge, Graph, Node, NodeKind
+from .edge_plan import EdgePlanner
 from .graph_runner import edge_patch_rows, local_graph_cache
 from .metrics import Metric, get_metric
 from .models import PatchModel, takes_model
@@ -85,10 +86,11 @@ def acdc(model: PatchModel, dataset: PromptPairDataset, *, tau: float = 0.01, me
                          + (" (per_position=True needs token-specific edges)" if per_position else ""))
     key = _search_key(model, dataset, metric, tau, (per_position, abs_threshold), allowed)
     acts = local_graph_cache(model, tokens, remote)
+    planner = EdgePlanner(model, graph, tokens.n_pos)  # each step replans only the receiver whose edge changed
 
     def evaluate(removed: set[Edge]):
         return edge_patch_rows(model, graph, tokens=tokens, rows=[removed], metric=metric, acts=acts,
-                               memory_mb=memory_mb, progress=False, remote=remote)
+                               memory_mb=memory_mb, progress=False, remote=remote, planner=planner)
 
     state = _load(checkpoint, key) or {"key": key, "done": 0, "kept": sorted(e.label for e in allowed), "scores": {}}
     removed = set(every) - {Edge.from_label(lab) for lab in state["kept"]}

@@ -34,8 +34,6 @@ and evaluates every chunk: one session here, one request remotely.
 
 from __future__ import annotations
 
-import functools
-from collections import defaultdict
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -44,7 +42,8 @@ import torch
 from ._choices import check_choice
 from .components import Site
 from .data import TokenizedPairs
-from .graph import Channel, Edge, Graph, Node, NodeKind
+from .edge_plan import EdgePlanner
+from .graph import Edge, Graph
 from .kernels import edges as kedges
 from .kernels import patching as kpatching
 from .metrics import Direction, Metric, get_metric
@@ -107,8 +106,8 @@ def local_graph_cache(model: PatchModel, tokens: TokenizedPairs, remote=None) ->
 def edge_patch_rows(model: PatchModel, graph: Graph, *, tokens: TokenizedPairs, rows: Sequence[Sequence[Edge]],
                     metric: Metric | str, direction: Direction | str = Direction.NOISING,
                     ablation: str = "resample", acts: dict | None = None, memory_mb: float = 1024,
-                    progress: bool = True, remote=None,
-                    gap: tuple[str, str] | None = ("clean", "corrupted")) -> EdgeResult:
+                    progress: bool = True, remote=None, gap: tuple[str, str] | None = ("clean", "corrupted"),
+                    planner: EdgePlanner | None = None) -> EdgeResult:
     """Metric of the base run with each row's edge set patched from the source run.
 
     Caching the clean and corrupted runs and every patched pass form one program
@@ -136,15 +135,19 @@ def edge_patch_rows(model: PatchModel, graph: Graph, *, tokens: TokenizedPairs, 
         patchlab.metrics.BaselineGapError: see `gap`.
         ValueError: an unknown `ablation` (the message lists them).
         ValueError: an edge that is not in `graph` (a sender that the receiver does not read,
-            or a channel it does not have).
+            or a channel it does not have); a `planner` of another graph or prompt width.
     """
     metric, direction = get_metric(metric), Direction(direction)
     check_choice(ablation, "ablation", ABLATIONS)
     base, source = ("clean", "corrupted") if direction is Direction.NOISING else ("corrupted", "clean")
     base_ids = tokens.clean_ids if base == "clean" else tokens.corrupted_ids
     n_prompts, n_pos = base_ids.shape
-    rows = [_checked(graph, row, n_pos) for row in rows]
-    summaries = [_summary(model, graph, row, n_pos) for row in rows]
+    if planner is None:
+        planner = EdgePlanner(model, graph, n_pos)
+    elif not planner.matches(graph, n_pos):
+        raise ValueError("this EdgePlanner plans another graph or prompt width; make one per graph and tokens")
+    rows = [planner.check(row) for row in rows]
+    summaries = [planner.summary(row) for row in rows]
     starts = [start for start, _, _ in summaries]
     weights = [1 + n_terms / 8 for _, _, n_terms in summaries]  # a correction term costs ~1/8 of a row's activations
     chunks = chunk_rows(starts, rows_per_chunk(model, n_prompts, n_pos, memory_mb), weights)
@@ -156,118 +159,10 @@ def edge_patch_rows(model: PatchModel, graph: Graph, *, tokens: TokenizedPairs, 
             "masks": run_masks(passes),
             "targets": {"correct": targets.correct, "incorrect": targets.incorrect},
             "chunks": [{"start": starts[chunk[0]], "n_rows": len(chunk),
-                        "keys": _plan(model, graph, [rows[r] for r in chunk], [summaries[r][1] for r in chunk], n_pos)}
+                        "keys": planner.keys([rows[r] for r in chunk], [summaries[r][1] for r in chunk])}
                        for chunk in chunks]}
     with chunk_progress(model, remote, len(chunks), "edge patching", progress) as update:
         out = execute(model, kedges.edge_program, spec, acts, update, remote=remote)
     checked_gap(out["runs"], gap, metric)
     return EdgeResult(values=gather_chunks(chunks, out["values"], n_prompts), metric=metric, direction=direction,
                       clean=out["runs"]["clean"].cpu(), corrupted=out["runs"]["corrupted"].cpu())
-
-
-def _checked(graph: Graph, row: Sequence[Edge], n_pos: int) -> frozenset[Edge]:
-    row = frozenset(row)
-    if row <= _edges(graph) and (graph.n_pos is None or graph.n_pos == n_pos):
-        return row
-    for edge in row:
-        if (edge.receiver, edge.channel) not in _receivers(graph) or edge.sender not in _senders(graph, edge.receiver) \
-                or (edge.pos is not None and not 0 <= edge.pos < n_pos):
-            raise ValueError(f"edge {edge.label} is not an edge of this model's graph")
-        if edge.pos is not None and edge.with_pos(None) in row:
-            raise ValueError(f"edge {edge.label} is given both at one position and at all positions")
-    return row
-
-
-@functools.lru_cache(maxsize=8)
-def _edges(graph: Graph) -> frozenset[Edge]:
-    return frozenset(graph.edges())
-
-
-@functools.lru_cache(maxsize=8)
-def _receivers(graph: Graph) -> frozenset[tuple[Node, Channel]]:
-    return frozenset(graph.receivers)
-
-
-@functools.lru_cache(maxsize=4096)
-def _senders(graph: Graph, receiver: Node) -> frozenset[Node]:
-    return frozenset(graph.senders_into(receiver))
-
-
-def _layer(node: Node, n_layers: int) -> int:
-    return 0 if node.kind is NodeKind.EMBED else n_layers - 1 if node.kind is NodeKind.LOGITS else node.layer
-
-
-def _summary(model: PatchModel, graph: Graph, row: frozenset[Edge], n_pos: int):
-    """(start layer, receiver channels in complement form, number of correction terms) of one row."""
-    n = model.layout.n_layers
-    by_key: dict[tuple, list[Edge]] = defaultdict(list)
-    for edge in row:
-        by_key[(edge.receiver, edge.channel)].append(edge)
-    layers, flipped, n_terms = [n - 1], set(), 0
-    for key, edges in by_key.items():
-        senders = _senders(graph, key[0])
-        patched = sum(n_pos if e.pos is None else 1 for e in edges)
-        if 2 * patched > len(senders) * n_pos:  # complement form: terms for the unpatched edges
-            flipped.add(key)
-            covered = defaultdict(int)
-            for e in edges:
-                covered[e.sender] += n_pos if e.pos is None else 1
-            kept = [s for s in senders if covered[s] < n_pos]
-            layers += [_layer(s, n) for s in kept] + [_layer(key[0], n)]
-            n_terms += bool(kept)
-        else:
-            layers += [_layer(e.sender, n) for e in edges]
-            n_terms += 1
-    return min(layers), frozenset(flipped), n_terms
-
-
-@functools.lru_cache(maxsize=16)
-def _sender_columns(n_layers: int, n_heads: int) -> dict[Node, int]:
-    """Column of each sender in the dense coefficient matrix: embed, then per layer its heads and MLP."""
-    columns = {Node(NodeKind.EMBED): 0}
-    for layer in range(n_layers):
-        for h in range(n_heads):
-            columns[Node(NodeKind.HEAD, layer, h)] = 1 + layer * (n_heads + 1) + h
-        columns[Node(NodeKind.MLP, layer)] = 1 + layer * (n_heads + 1) + n_heads
-    return columns
-
-
-def _plan(model: PatchModel, graph: Graph, rows: Sequence[frozenset[Edge]], flipped: Sequence[frozenset],
-          n_pos: int) -> list[dict]:
-    """The chunk's receiver keys (plain dicts, per row of the chunk; see `patchlab.kernels.edges`)."""
-    n_rows, n_layers, n_heads = len(rows), model.layout.n_layers, model.layout.n_heads
-    column = _sender_columns(n_layers, n_heads)
-    n_senders = len(column)
-    entries: dict[tuple, list[tuple[int, int, int]]] = defaultdict(list)  # (row, pos or -1, sender)
-    for r, row in enumerate(rows):
-        for e in row:
-            entries[(e.receiver, e.channel)].append((r, -1 if e.pos is None else e.pos, column[e.sender]))
-    keys = []
-    for key, items in entries.items():
-        r, p, s = torch.tensor(items).T
-        mask = torch.zeros(n_rows, n_pos, n_senders)
-        every_pos = p < 0
-        mask[r[every_pos], :, s[every_pos]] = 1.0
-        mask[r[~every_pos], p[~every_pos], s[~every_pos]] = 1.0
-        valid = torch.zeros(n_senders)
-        valid[[column[s] for s in _senders(graph, key[0])]] = 1.0
-        flip = torch.tensor([key in f for f in flipped])
-        coef = torch.where(flip[:, None, None], mask - valid, mask)  # complement: -1 on unpatched edges
-        patched = (mask > 0).flatten(1).sum(1)
-        full = patched == valid.sum() * n_pos
-        partial = (patched > 0) & ~full
-        node, channel = key
-        if node.kind in (NodeKind.HEAD, NodeKind.KV_HEAD):
-            flip = flip & ~full  # fully patched heads take the source projection directly
-        used = coef.abs().sum((0, 1))  # [sender]: which columns carry a term
-        per_layer = coef[..., 1:].unflatten(-1, (n_layers, n_heads + 1))  # [row, pos, layer, head + mlp]
-        used_layers = used[1:].view(n_layers, n_heads + 1)
-        keys.append({  # slices are cloned: a remote request ships a view's whole base tensor
-            "kind": node.kind.value, "layer": node.layer, "head": node.head, "site": channel.value,
-            "flip": flip.float()[:, None, None], "full": full, "partial": partial,
-            "embed": coef[..., :1].clone() if used[0] > 0 else None,
-            "heads": {layer: per_layer[:, :, layer, :n_heads].clone()
-                      for layer in used_layers[:, :n_heads].sum(1).nonzero().flatten().tolist()},
-            "mlps": {layer: per_layer[:, :, layer, n_heads:].clone()
-                     for layer in used_layers[:, n_heads].nonzero().flatten().tolist()}})
-    return keys
