@@ -89,6 +89,24 @@ def test_edge_sets_equal_reference(setup, direction, make_sets):
     assert torch.allclose(got, expected, atol=tol, rtol=0), (got - expected).abs().max()
 
 
+@pytest.mark.parametrize("family", ["gpt2", "gemma2"])
+def test_head_terms_in_batch_slabs_equal_reference(family, monkeypatch):
+    """Sender-head differences projected one batch row at a time (the slabs that bound their memory)
+    give the reference values; gemma2 covers the post-normed heads."""
+    from patchlab.kernels import edges as kedges
+
+    monkeypatch.setattr(kedges, "HEAD_TERM_ELEMENTS", 1)
+    model = tiny_patch_model(family)
+    dataset = random_pairs(model.hf.config.vocab_size)
+    tokens, graph = dataset.tokenize(model.tokenizer), Graph.from_model(model)
+    edge_sets = large_edge_sets(graph, tokens.n_pos)[:3] + some_edge_sets(graph, tokens.n_pos)[-3:]
+    ds = patch_edges(model, dataset, edge_sets, progress=False)
+    expected = reference_values(model, tokens, edge_sets, "noising")
+    got = torch.from_numpy(ds.patched.values)
+    assert torch.allclose(got, expected, atol=exact_atol(model, expected, edges=True), rtol=0), \
+        (got - expected).abs().max()
+
+
 def test_every_edge_patched_is_the_source_run(setup):
     model, dataset, tokens, graph = setup
     ds = patch_edges(model, dataset, [tuple(graph.edges())], progress=False)

@@ -133,20 +133,36 @@ def patch_chunk(nn, arch, ids, chunk, acts, base, src, mask=None):
     return logits
 
 
+HEAD_TERM_ELEMENTS = 2**24
+"""Most per-head sender differences, ``[batch, pos, head, d_model]``, held at once by `_add_head_terms`."""
+
+
 def _add_head_terms(nn, arch, layer, source_heads, keys, delta):
     """Add ``sum_h c_h (out_h(source) - out_h(current))`` of `layer`'s heads to each key's
-    correction: one matmul per receiver channel where the output projection is linear in z."""
-    z = view(arch, "head", at(nn, arch, point(arch, "head", layer)).input)
-    if arch["post_norms"]:
-        diff = source_heads - head_contributions(nn, arch, layer, z)
-        for i, key in enumerate(keys):
-            if layer in key["heads"]:
-                _add(delta, i, torch.einsum("bthd,bth->btd", diff, key["heads"][layer].to(diff.device)))
+    correction. One receiver: one matmul through the output projection, linear in z. Several:
+    each head's difference is projected once (``[batch, pos, head, d_model]``, in batch slabs of
+    at most `HEAD_TERM_ELEMENTS`) and weighed per receiver, instead of a projection per receiver."""
+    users = [i for i, key in enumerate(keys) if layer in key["heads"]]
+    if not users:
         return
-    diff, w = source_heads - z, head_weights(nn, arch, layer).flatten(0, 1)
-    for i, key in enumerate(keys):
-        if layer in key["heads"]:
-            _add(delta, i, (diff * key["heads"][layer].to(diff.device)[..., None]).flatten(2) @ w)
+    z = view(arch, "head", at(nn, arch, point(arch, "head", layer)).input)
+    if not arch["post_norms"] and len(users) == 1:
+        i = users[0]
+        diff, w = source_heads - z, head_weights(nn, arch, layer).flatten(0, 1)
+        _add(delta, i, (diff * keys[i]["heads"][layer].to(diff.device)[..., None]).flatten(2) @ w)
+        return
+    if arch["post_norms"]:  # the sources are per-head contributions already
+        project = lambda rows: source_heads[rows] - head_contributions(nn, arch, layer, z[rows])
+    else:
+        w = head_weights(nn, arch, layer)
+        project = lambda rows: torch.einsum("bthe,hed->bthd", source_heads[rows] - z[rows], w.to(z.dtype))
+    coefs = torch.stack([keys[i]["heads"][layer].to(z.device) for i in users])  # [receiver, batch, pos, head]
+    batch, n_pos, n_heads = coefs.shape[1:]
+    step = max(1, HEAD_TERM_ELEMENTS // (n_pos * n_heads * arch["d_model"]))
+    terms = torch.cat([torch.einsum("bthd,kbth->kbtd", project(slice(b, b + step)), coefs[:, b:b + step])
+                       for b in range(0, batch, step)], dim=1)
+    for i, term in zip(users, terms):
+        _add(delta, i, term)
 
 
 def _patch_head_inputs(nn, arch, layer, resid, source_resid, receivers, keys, delta, real=None):
