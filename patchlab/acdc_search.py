@@ -35,8 +35,8 @@ from tqdm.auto import tqdm
 from ._io import atomic_write_text
 from .circuit import Circuit, edge_scores, score_attrs
 from .data import PromptPairDataset
-from .graph import Edge, Graph, Node, NodeKind
 from .edge_plan import EdgePlanner
+from .graph import Edge, Graph, Node, NodeKind
 from .graph_runner import edge_patch_rows, local_graph_cache
 from .metrics import Metric, get_metric
 from .models import PatchModel, takes_model
