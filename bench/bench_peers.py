@@ -13,12 +13,14 @@ It checks that patchlab's values equal TransformerLens' (max |difference| in nat
 prints seconds, patchlab's peak resident memory above its start (sampled from ``/proc``) and the
 ratios to the goals of issue 15 (head sweep <= 0.32x the floor and >= 3x faster than
 TransformerLens; resid layer x position <= 0.25x and >= 4x; memory under 1 GiB above the model).
-TransformerLens 4.3 has no attribution patching of its own (only a tutorial notebook), so EAP is
-not compared here (`bench/bench_circuits.py` times it against a forward+backward pass). Not a
-test: compare the ratios of one run. TransformerLens is not a core dependency:
+Then EAP (`bench_eap`): patchlab's against TransformerLens 4.3's ``attribution_patch`` at edge
+granularity (transformer_lens.tools.analysis.attribution_patching), its per-position edge scores
+summed over positions; it refuses grouped-query attention, so SmolLM2 has no EAP row
+(``--skip-eap``). Attention-pattern sweeps are not compared yet. Not a test: compare the ratios
+of one run. TransformerLens is not a core dependency:
 ``pip install -e '.[bench]'``.
 
-    python bench/bench_peers.py [--prompts 8] [--rounds 3] [--models gpt2,smollm2]
+    python bench/bench_peers.py [--prompts 8] [--rounds 3] [--models gpt2,smollm2] [--skip-eap | --eap-only]
 """
 
 from __future__ import annotations
