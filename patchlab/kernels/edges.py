@@ -153,9 +153,8 @@ def _add_head_terms(nn, arch, layer, source_heads, keys, delta):
         return
     if arch["post_norms"]:  # the sources are per-head contributions already
         project = lambda rows: source_heads[rows] - head_contributions(nn, arch, layer, z[rows])
-    else:
-        w = head_weights(nn, arch, layer)
-        project = lambda rows: torch.einsum("bthe,hed->bthd", source_heads[rows] - z[rows], w.to(z.dtype))
+    else:  # linear in z: project the difference
+        project = lambda rows: head_contributions(nn, arch, layer, source_heads[rows] - z[rows])
     coefs = torch.stack([keys[i]["heads"][layer].to(z.device) for i in users])  # [receiver, batch, pos, head]
     batch, n_pos, n_heads = coefs.shape[1:]
     step = max(1, HEAD_TERM_ELEMENTS // (n_pos * n_heads * arch["d_model"]))
