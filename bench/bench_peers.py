@@ -1,13 +1,19 @@
 """Benchmark: patchlab against TransformerLens 4.3 and the naive floor, in one process.
 
-Two sweeps (denoising, logit difference at the last position), each computed three ways on the
+Three sweeps (denoising, logit difference at the last position), each computed three ways on the
 same weights and tokens, interleaved, medians of ``--rounds`` rounds:
 
-1. patchlab: `patch_heads` (all positions) and `patch_layer_pos` (``resid_pre``, layer x position);
+1. patchlab: `patch_heads` (all positions), `patch_layer_pos` (``resid_pre``, layer x position) and
+   `patch_heads(site="pattern")` (each head's attention pattern, all query positions);
 2. TransformerLens 4.3 through its `TransformerBridge` (raw weights, no compatibility mode), one
-   ``run_with_hooks`` per component, the prompts batched, as its patching helpers do;
+   ``run_with_hooks`` per component, the prompts batched, as its patching helpers do (hooks
+   ``attn.hook_z``, ``hook_resid_pre`` and ``attn.hook_pattern``);
 3. the naive floor: one plain ``transformers`` forward pass per component, no patching at all
    (also printed: the same with last-position logits only, ``logits_to_keep=1``).
+
+Attention patterns exist only under eager attention, so that sweep runs, for all three, on a
+second copy of the model with the same weights loaded with ``attn_implementation="eager"``
+(its floor is eager forwards; the issue sets no goal for it).
 
 It checks that patchlab's values equal TransformerLens' (max |difference| in nats, printed), then
 prints seconds, patchlab's peak resident memory above its start (sampled from ``/proc``) and the
@@ -16,11 +22,12 @@ TransformerLens; resid layer x position <= 0.25x and >= 4x; memory under 1 GiB a
 Then EAP (`bench_eap`): patchlab's against TransformerLens 4.3's ``attribution_patch`` at edge
 granularity (transformer_lens.tools.analysis.attribution_patching), its per-position edge scores
 summed over positions; it refuses grouped-query attention, so SmolLM2 has no EAP row
-(``--skip-eap``). Attention-pattern sweeps are not compared yet. Not a test: compare the ratios
+(``--skip-eap``). Not a test: compare the ratios
 of one run. TransformerLens is not a core dependency:
 ``pip install -e '.[bench]'``.
 
-    python bench/bench_peers.py [--prompts 8] [--rounds 3] [--models gpt2,smollm2] [--skip-eap | --eap-only]
+    python bench/bench_peers.py [--prompts 8] [--rounds 3] [--models gpt2,smollm2]
+        [--sweeps heads,resid,pattern] [--skip-eap | --eap-only]
 """
 
 from __future__ import annotations
@@ -82,25 +89,52 @@ def resid_edits(lay, n_pos):
             for layer in range(lay.n_layers) for pos in range(n_pos)]
 
 
-def bench(model: pl.PatchModel, dataset: pl.PromptPairDataset, rounds: int) -> None:
-    tokens = dataset.tokenize(model.tokenizer)
+def pattern_edits(lay):
+    return [(layer, lambda z, c, h=head: z.__setitem__((slice(None), h), c[:, h]))  # [batch, head, q, k]
+            for layer in range(lay.n_layers) for head in range(lay.n_heads)]
+
+
+def sweeps_of(model: pl.PatchModel, eager: pl.PatchModel | None, tokens, dataset):
+    """``{name: (patchlab, TransformerLens, model of the floor, rows, goals or None)}``; the pattern
+    sweep runs on `eager` (the same weights with eager attention: patterns need it, patchlab and
+    TransformerLens alike), and its floor is eager forwards too."""
     lay, n_pos = model.layout, tokens.n_pos
     bridge = bridge_of(model)
     sweeps = {
         "head outputs, all positions": (
             lambda: pl.patch_heads(model, dataset, progress=False).patched.values.reshape(-1, tokens.n_prompts),
             lambda: tl_sweep(bridge, tokens, "blocks.{layer}.attn.hook_z", head_edits(lay)),
-            lay.n_layers * lay.n_heads, (0.32, 3.0)),
+            model, lay.n_layers * lay.n_heads, (0.32, 3.0)),
         "resid_pre, layer x position": (
             lambda: pl.patch_layer_pos(model, dataset, progress=False).patched.values.reshape(-1, tokens.n_prompts),
             lambda: tl_sweep(bridge, tokens, "blocks.{layer}.hook_resid_pre", resid_edits(lay, n_pos)),
-            lay.n_layers * n_pos, (0.25, 4.0)),
+            model, lay.n_layers * n_pos, (0.25, 4.0)),
     }
+    if eager is not None:
+        eager_bridge = bridge_of(eager)
+        sweeps["attention patterns, all positions (eager attention)"] = (
+            lambda: pl.patch_heads(eager, dataset, site="pattern", progress=False).patched.values.reshape(
+                -1, tokens.n_prompts),
+            lambda: tl_sweep(eager_bridge, tokens, "blocks.{layer}.attn.hook_pattern", pattern_edits(lay)),
+            eager, lay.n_layers * lay.n_heads, None)
+    return sweeps
+
+
+SWEEPS = ("heads", "resid", "pattern")
+
+
+def bench(model: pl.PatchModel, dataset: pl.PromptPairDataset, rounds: int,
+          eager: pl.PatchModel | None = None, only: tuple[str, ...] = SWEEPS) -> None:
+    tokens = dataset.tokenize(model.tokenizer)
+    sweeps = sweeps_of(model, eager, tokens, dataset)
+    sweeps = {name: sweep for short, (name, sweep) in zip(SWEEPS, sweeps.items()) if short in only}
     pl.patch_heads(model, dataset, layers=[0], progress=False)  # warm-up
-    print(f"\n{model.model_id}: {tokens.n_prompts} prompts x {n_pos} tokens, {torch.get_num_threads()} threads, "
-          f"medians of {rounds} interleaved rounds; weights {model_bytes(model) / 2**20:.0f} MiB")
+    if eager is not None:
+        pl.patch_heads(eager, dataset, site="pattern", layers=[0], progress=False)
+    print(f"\n{model.model_id}: {tokens.n_prompts} prompts x {tokens.n_pos} tokens, {torch.get_num_threads()} "
+          f"threads, medians of {rounds} interleaved rounds; weights {model_bytes(model) / 2**20:.0f} MiB")
     ids = tokens.corrupted_ids
-    for name, (ours, theirs, n_rows, (floor_goal, tl_goal)) in sweeps.items():
+    for name, (ours, theirs, floor_model, n_rows, goals) in sweeps.items():
         times = {"patchlab": [], "TransformerLens": [], "floor": [], "floor, last logits": []}
         peak = 0
         for _ in range(rounds):
@@ -110,14 +144,16 @@ def bench(model: pl.PatchModel, dataset: pl.PromptPairDataset, rounds: int) -> N
             times["patchlab"].append(t)
             t, theirs_v = timed(theirs)
             times["TransformerLens"].append(t)
-            times["floor"].append(timed(lambda: plain_forwards(model, ids, n_rows))[0])
-            times["floor, last logits"].append(timed(lambda: plain_forwards(model, ids, n_rows, logits_to_keep=1))[0])
+            times["floor"].append(timed(lambda: plain_forwards(floor_model, ids, n_rows))[0])
+            times["floor, last logits"].append(
+                timed(lambda: plain_forwards(floor_model, ids, n_rows, logits_to_keep=1))[0])
         med = {k: statistics.median(v) for k, v in times.items()}
         diff = float((torch.as_tensor(ours_v, dtype=torch.float64) - theirs_v.double()).abs().max())
         print(f"  {name} ({n_rows} rows): patchlab {med['patchlab']:.2f} s, TransformerLens "
               f"{med['TransformerLens']:.2f} s, floor {med['floor']:.2f} s (last-position logits only: "
               f"{med['floor, last logits']:.2f} s); values agree within {diff:.1e} nats; patchlab's peak memory "
               f"{peak / 2**20:.0f} MiB above its start (goal < 1024 MiB)")
+        floor_goal, tl_goal = goals or ("none set", "none set")
         print(f"    patchlab / floor {med['patchlab'] / med['floor']:.3f} (goal <= {floor_goal}; "
               f"{med['patchlab'] / med['floor, last logits']:.3f} of the last-logits floor), "
               f"TransformerLens / patchlab {med['TransformerLens'] / med['patchlab']:.2f} (goal >= {tl_goal})")
@@ -187,17 +223,23 @@ def main() -> None:
                         "weights, 16-token prompts), smollm2 (SmolLM2-135M, IOI prompts; the bridge boots it as Llama)")
     parser.add_argument("--skip-eap", action="store_true", help="skip the EAP comparison")
     parser.add_argument("--eap-only", action="store_true", help="only the EAP comparison")
+    parser.add_argument("--sweeps", default=",".join(SWEEPS), help="comma-separated, of " + ", ".join(SWEEPS))
     args = parser.parse_args()
+    only = tuple(args.sweeps.split(","))
+    if set(only) - set(SWEEPS):
+        parser.error(f"unknown sweeps {sorted(set(only) - set(SWEEPS))}: use {', '.join(SWEEPS)}")
     for name in args.models.split(","):
         if name == "gpt2":
             model, dataset = gpt2_small_shaped(), random_dataset(args.prompts, 16)
+            eager = None if "pattern" not in only else gpt2_small_shaped("eager")
         elif name == "smollm2":
             model = pl.load_model("smollm2-135m")
+            eager = None if "pattern" not in only else pl.load_model("smollm2-135m", attn_implementation="eager")
             dataset = pl.ioi_dataset(model.tokenizer, n_prompts=args.prompts, seed=0)
         else:
             parser.error(f"unknown model {name!r}: use gpt2 or smollm2")
         if not args.eap_only:
-            bench(model, dataset, args.rounds)
+            bench(model, dataset, args.rounds, eager, only)
         if not args.skip_eap:
             bench_eap(model, dataset, args.rounds)
 

@@ -13,19 +13,23 @@ from transformers import GPT2Config, GPT2LMHeadModel
 import patchlab as pl
 
 
-def gpt2_small_shaped() -> pl.PatchModel:
+def gpt2_small_shaped(attn_implementation: str = "sdpa") -> pl.PatchModel:
     """GPT-2 small's shape (12 layers, 12 heads, d_model 768, vocab 50257) with random weights: only
-    shapes matter for time. A word-level tokenizer over ``w0 .. w998``."""
+    shapes matter for time. A word-level tokenizer over ``w0 .. w998``. The same weights for every
+    `attn_implementation` (``"eager"`` for attention-pattern sweeps)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     torch.manual_seed(0)
-    hf = GPT2LMHeadModel(GPT2Config()).eval()
+    config = GPT2Config()
+    config._attn_implementation = attn_implementation
+    hf = GPT2LMHeadModel(config).eval()
     vocab = {"<unk>": 0, **{f"w{i}": i + 1 for i in range(999)}}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<unk>", eos_token="<unk>")
-    return pl.load_model(hf, tokenizer=tokenizer, model_id="gpt2-small-shaped (random)")
+    suffix = "" if attn_implementation == "sdpa" else f", {attn_implementation} attention"
+    return pl.load_model(hf, tokenizer=tokenizer, model_id=f"gpt2-small-shaped (random{suffix})")
 
 
 def random_dataset(n_prompts: int, n_pos: int, seed: int = 0) -> pl.PromptPairDataset:
